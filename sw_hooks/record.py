@@ -1,0 +1,327 @@
+"""The recorder: forward hooks that fold every call into running per-channel maxima.
+
+Nothing but O(channels) state is kept per module: the largest ``|activation|`` each
+channel has reached, the signed value there, and where (batch index, token position)
+it happened. Full activations are never stored.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from sw_hooks.locate import find_down_projections
+
+
+@dataclass(frozen=True)
+class ChannelMaxima:
+    """Per-channel running maxima of one tensor stream (a module's input or output).
+
+    Attributes:
+        abs_max: ``[C]`` float32, the largest ``|x|`` seen per channel.
+        value: ``[C]`` float32, the signed value at that maximum.
+        token: ``[C]`` int64, the token position (index along the sequence axis) of the maximum.
+        batch: ``[C]`` int64, the batch index of the maximum within its call.
+    """
+
+    abs_max: torch.Tensor
+    value: torch.Tensor
+    token: torch.Tensor
+    batch: torch.Tensor
+
+    @property
+    def channels(self) -> int:
+        return int(self.abs_max.numel())
+
+    def top(self) -> tuple[int, float]:
+        """``(channel, abs_max)`` of the largest channel."""
+        channel = int(self.abs_max.argmax())
+        return channel, float(self.abs_max[channel])
+
+
+@dataclass(frozen=True)
+class ChannelStats:
+    """What the recorder keeps for one module: input and output maxima and a call count."""
+
+    input: ChannelMaxima | None
+    output: ChannelMaxima | None
+    calls: int
+
+
+def channel_maxima(x: torch.Tensor, token_mask: torch.Tensor | None = None) -> ChannelMaxima:
+    """Per-channel max ``|x|`` over every token of one activation, with where it happened.
+
+    ``x`` is ``[batch, seq, channels]`` (or ``[tokens, channels]``, read as one sequence).
+    ``token_mask`` (``[batch, seq]``, true for real tokens) keeps padding out of the max.
+
+    Works in the activation's own dtype (a max needs no arithmetic, so nothing overflows or
+    ties) with a max and a min reduction instead of materialising ``|x|``; only the
+    ``[C]`` results are cast to float32.
+
+    Example:
+        >>> m = channel_maxima(torch.tensor([[[1.0, -5.0], [3.0, 2.0]]]))
+        >>> m.abs_max.tolist(), m.value.tolist(), m.token.tolist()
+        ([3.0, 5.0], [3.0, -5.0], [1, 0])
+    """
+    x = x.detach()
+    seq_len = x.shape[-2] if x.dim() >= 2 else 1
+    if token_mask is not None and x.dim() >= 3 and token_mask.shape == x.shape[:2]:
+        x = x.masked_fill(~token_mask.to(device=x.device, dtype=torch.bool)[..., None], 0)
+    flat = x.reshape(-1, x.shape[-1])
+    high, high_at = flat.max(dim=0)
+    low, low_at = flat.min(dim=0)
+    negative_wins = -low > high
+    value = torch.where(negative_wins, low, high).float()
+    position = torch.where(negative_wins, low_at, high_at)
+    return ChannelMaxima(value.abs(), value, position % seq_len, position // seq_len)
+
+
+def merge_channel_maxima(a: ChannelMaxima | None, b: ChannelMaxima | None) -> ChannelMaxima | None:
+    """Elementwise max of two running maxima; each channel keeps the winner's location."""
+    if a is None or b is None:
+        return a if b is None else b
+    if a.abs_max.shape != b.abs_max.shape:
+        raise ValueError(f"cannot merge maxima of {a.channels} and {b.channels} channels")
+    b = _to_device(b, a.abs_max.device)
+    b_wins = b.abs_max > a.abs_max
+    return ChannelMaxima(
+        *(
+            torch.where(b_wins, getattr(b, f.name), getattr(a, f.name))
+            for f in fields(ChannelMaxima)
+        )
+    )
+
+
+def merge_stats(a: ChannelStats, b: ChannelStats) -> ChannelStats:
+    """Combine two modules' stats (e.g. from two processes) as if one had seen both."""
+    return ChannelStats(
+        merge_channel_maxima(a.input, b.input),
+        merge_channel_maxima(a.output, b.output),
+        a.calls + b.calls,
+    )
+
+
+def _to_device(m: ChannelMaxima, device: torch.device) -> ChannelMaxima:
+    return ChannelMaxima(*(getattr(m, f.name).to(device) for f in fields(ChannelMaxima)))
+
+
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, tuple | list) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    return None
+
+
+ModuleSelection = Mapping[str, nn.Module] | Iterable[str] | str | re.Pattern[str] | None
+
+
+class Recorder:
+    """Forward hooks that keep per-channel max ``|input|`` and ``|output|`` of chosen modules.
+
+    Use :func:`record` to make one. It is a context manager (hooks removed on exit, even
+    when the forward raised) and also a plain object with :meth:`remove`. Attention masks
+    passed to the model as ``attention_mask=`` keep padded tokens out of the maxima.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        modules: ModuleSelection = None,
+        *,
+        inputs: bool = True,
+        outputs: bool = True,
+        use_attention_mask: bool = True,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"record() needs a torch.nn.Module, got {type(model).__name__}")
+        if not (inputs or outputs):
+            raise ValueError("record(): nothing to record with inputs=False and outputs=False")
+        selected = _select_modules(model, modules)
+        _check_not_meta(selected)
+        self.module_names: tuple[str, ...] = tuple(selected)
+        self._inputs, self._outputs = inputs, outputs
+        self._token_mask: torch.Tensor | None = None
+        self._stats: dict[str, ChannelStats] = {}
+        self._handles: list[RemovableHandle] = []
+        try:
+            if use_attention_mask:
+                self._hook_attention_mask(model)
+            for name, module in selected.items():
+                self._handles.append(module.register_forward_hook(self._fold_hook(name)))
+        except BaseException:
+            self.remove()
+            raise
+
+    # -- hooks ---------------------------------------------------------------------------
+    def _fold_hook(self, name: str):
+        def fold(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            self._fold(name, _first_tensor(args), _first_tensor(output))
+
+        return fold
+
+    def _fold(self, name: str, x: torch.Tensor | None, y: torch.Tensor | None) -> None:
+        previous = self._stats.get(name)
+        new_in = channel_maxima(x, self._token_mask) if self._inputs and x is not None else None
+        new_out = channel_maxima(y, self._token_mask) if self._outputs and y is not None else None
+        if previous is None:
+            self._stats[name] = ChannelStats(new_in, new_out, 1)
+        else:
+            self._stats[name] = merge_stats(previous, ChannelStats(new_in, new_out, 1))
+
+    def _hook_attention_mask(self, model: nn.Module) -> None:
+        def capture(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            mask = kwargs.get("attention_mask")
+            self._token_mask = (
+                mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+            )
+
+        def release(module: nn.Module, args: Any, kwargs: Any, output: Any = None) -> None:
+            self._token_mask = None
+
+        self._handles.append(model.register_forward_pre_hook(capture, with_kwargs=True))
+        self._handles.append(
+            model.register_forward_hook(release, with_kwargs=True, always_call=True)
+        )
+
+    # -- results -------------------------------------------------------------------------
+    @property
+    def stats(self) -> dict[str, ChannelStats]:
+        """``{module_name: ChannelStats}`` for every module called at least once."""
+        return dict(self._stats)
+
+    def reset(self) -> None:
+        """Forget everything recorded so far; the hooks stay."""
+        self._stats.clear()
+
+    def merge(self, other: Recorder | Mapping[str, ChannelStats]) -> None:
+        """Fold another recorder's stats (or a ``stats`` dict) into this one, elementwise max."""
+        incoming = other.stats if isinstance(other, Recorder) else other
+        for name, theirs in incoming.items():
+            mine = self._stats.get(name)
+            self._stats[name] = theirs if mine is None else merge_stats(mine, theirs)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Flat ``{"<module>.<input|output>.<field>": tensor, "<module>.calls": tensor}``."""
+        return stats_to_state_dict(self._stats)
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Replace the recorded stats with a :meth:`state_dict`."""
+        self._stats = stats_from_state_dict(state)
+
+    # -- lifetime ------------------------------------------------------------------------
+    def remove(self) -> None:
+        """Remove every hook, newest first. Safe to call twice."""
+        while self._handles:
+            self._handles.pop().remove()
+        self._token_mask = None
+
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.remove()
+
+
+def record(
+    model: nn.Module,
+    modules: ModuleSelection = None,
+    *,
+    inputs: bool = True,
+    outputs: bool = True,
+    use_attention_mask: bool = True,
+) -> Recorder:
+    """Record per-channel max ``|input|`` and ``|output|`` of the down-projections.
+
+    Args:
+        model: any ``nn.Module``.
+        modules: which modules to hook: ``None`` for the down-projections
+            (:func:`~sw_hooks.locate.find_down_projections`), a glob or compiled regex,
+            a list of module names, or a ``{name: module}`` mapping.
+        inputs, outputs: which side(s) to record.
+        use_attention_mask: take ``attention_mask=`` from the model's call and ignore
+            padded tokens.
+
+    Example:
+        >>> from sw_hooks.testing import tiny_model
+        >>> model = tiny_model("llama", num_layers=2)
+        >>> with record(model) as rec:
+        ...     _ = model(torch.tensor([[1, 2, 3]]))
+        >>> sorted(rec.stats)[0], rec.stats["model.layers.0.mlp.down_proj"].calls
+        ('model.layers.0.mlp.down_proj', 1)
+    """
+    return Recorder(
+        model, modules, inputs=inputs, outputs=outputs, use_attention_mask=use_attention_mask
+    )
+
+
+def _select_modules(model: nn.Module, modules: ModuleSelection) -> dict[str, nn.Module]:
+    if modules is None or isinstance(modules, str | re.Pattern):
+        return find_down_projections(model, modules)
+    if isinstance(modules, Mapping):
+        return dict(modules)
+    names = list(modules)
+    try:
+        return {name: model.get_submodule(name) for name in names}
+    except AttributeError as error:
+        raise ValueError(f"record(): {error}") from None
+
+
+def _check_not_meta(modules: Mapping[str, nn.Module]) -> None:
+    for name, module in modules.items():
+        weight = getattr(module, "weight", None)
+        offloaded = getattr(module, "_hf_hook", None) is not None
+        if isinstance(weight, torch.Tensor) and weight.device.type == "meta" and not offloaded:
+            raise ValueError(
+                f"{name} is on the meta device (no real weights); load the model with its "
+                "weights, or with accelerate offloading, before recording"
+            )
+
+
+_FIELDS = tuple(f.name for f in fields(ChannelMaxima))
+
+
+def stats_to_state_dict(stats: Mapping[str, ChannelStats]) -> dict[str, torch.Tensor]:
+    """Flatten ``{module: ChannelStats}`` into a tensor dict (checkpoint and all-reduce friendly)."""
+    state: dict[str, torch.Tensor] = {}
+    for name, s in stats.items():
+        state[f"{name}.calls"] = torch.tensor(s.calls)
+        for side in ("input", "output"):
+            maxima = getattr(s, side)
+            if maxima is not None:
+                for field in _FIELDS:
+                    state[f"{name}.{side}.{field}"] = getattr(maxima, field).clone()
+    return state
+
+
+def stats_from_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, ChannelStats]:
+    """Inverse of :func:`stats_to_state_dict`."""
+    names = [key[: -len(".calls")] for key in state if key.endswith(".calls")]
+    if not names and state:
+        raise ValueError("not a recorder state_dict: no '<module>.calls' entries")
+    return {
+        name: ChannelStats(
+            _side_from_state(state, name, "input"),
+            _side_from_state(state, name, "output"),
+            int(state[f"{name}.calls"]),
+        )
+        for name in names
+    }
+
+
+def _side_from_state(
+    state: Mapping[str, torch.Tensor], name: str, side: str
+) -> ChannelMaxima | None:
+    keys = [f"{name}.{side}.{field}" for field in _FIELDS]
+    if not any(k in state for k in keys):
+        return None
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise ValueError(f"recorder state_dict lacks {missing}")
+    return ChannelMaxima(*(state[k].clone() for k in keys))

@@ -1,0 +1,214 @@
+"""Small frozen result objects, with JSON in and out under a schema version.
+
+Results are plain JSON, never pickles: a report from someone else's machine can be read
+without running their code.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+VERDICTS = ("super", "candidate")
+
+
+@dataclass(frozen=True)
+class SuperWeight:
+    """One (candidate) super weight: ``module.weight[row, col]`` in ``[out, in]`` order.
+
+    Attributes:
+        module: the down-projection's module name, e.g. ``model.layers.2.mlp.down_proj``.
+        layer: the layer index parsed from ``module`` (``None`` if it has none).
+        row: output channel: where the super activation appears.
+        col: input channel: where the down-projection's input spikes.
+        value: the weight's original value.
+        input_activation: signed input value at channel ``col`` at the spike.
+        output_activation: signed output value at channel ``row`` at the spike.
+        token_position: the token position of the output spike.
+        impact: perplexity with this weight zeroed over perplexity without; ``None`` if
+            not measured.
+        verdict: ``"super"`` when ``impact`` reached the threshold, else ``"candidate"``.
+        expert: the expert index for a weight inside a mixture-of-experts layer.
+    """
+
+    module: str
+    layer: int | None
+    row: int
+    col: int
+    value: float
+    input_activation: float = 0.0
+    output_activation: float = 0.0
+    token_position: int = 0
+    impact: float | None = None
+    verdict: str = "candidate"
+    expert: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.verdict not in VERDICTS:
+            raise ValueError(f"verdict must be one of {VERDICTS}, got {self.verdict!r}")
+        if self.row < 0 or self.col < 0:
+            raise ValueError(f"row and col must be non-negative, got [{self.row}, {self.col}]")
+
+    @property
+    def coordinate(self) -> tuple[str, int, int]:
+        return (self.module, self.row, self.col)
+
+    def with_impact(self, impact: float, min_impact: float) -> SuperWeight:
+        """A copy carrying a measured impact and the verdict it earns."""
+        # NaN compares false: an unmeasurable impact never earns the verdict.
+        verdict = "super" if impact >= min_impact else "candidate"
+        return replace(self, impact=impact, verdict=verdict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> SuperWeight:
+        """Build from a dict, checking every field's type with a clear error."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a super weight must be a JSON object, got {type(data).__name__}")
+        known = {f.name: f for f in fields(cls)}
+        unknown = set(data) - set(known)
+        if unknown:
+            raise ValueError(f"unknown super-weight field(s): {sorted(unknown)}")
+        for required in ("module", "row", "col", "value"):
+            if required not in data:
+                raise ValueError(f"super weight is missing {required!r}")
+        return cls(**{k: _checked(k, v) for k, v in {"layer": None, **data}.items()})
+
+
+_INT_FIELDS = {"row", "col", "token_position"}
+_OPTIONAL_INT_FIELDS = {"layer", "expert"}
+_FLOAT_FIELDS = {"value", "input_activation", "output_activation"}
+
+
+def _checked(name: str, value: Any) -> Any:
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    ok = {
+        "module": isinstance(value, str) and bool(value),
+        "verdict": isinstance(value, str),
+        "impact": value is None or (isinstance(value, int | float) and not isinstance(value, bool)),
+    }.get(name)
+    if ok is None:
+        if name in _INT_FIELDS:
+            ok = is_int(value)
+        elif name in _OPTIONAL_INT_FIELDS:
+            ok = value is None or is_int(value)
+        elif name in _FLOAT_FIELDS:
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if not ok:
+        raise ValueError(f"super-weight field {name!r} has a bad value: {value!r}")
+    return float(value) if name in _FLOAT_FIELDS else value
+
+
+@dataclass(frozen=True)
+class DetectionResult:
+    """What :func:`sw_hooks.detect` found, with the numbers that back it.
+
+    Attributes:
+        model: a name for the model (id, path or class name).
+        super_weights: every candidate, verified or not.
+        baseline_perplexity: perplexity of the unmodified model on the calibration text.
+        joint_ablation_ratio: perplexity with every candidate zeroed over the baseline.
+        prepend_bos: whether a BOS token was put before the prompt.
+        passes: how many record-and-ablate passes detection ran.
+    """
+
+    model: str
+    super_weights: tuple[SuperWeight, ...]
+    baseline_perplexity: float | None = None
+    joint_ablation_ratio: float | None = None
+    prepend_bos: bool = False
+    passes: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def verified(self) -> tuple[SuperWeight, ...]:
+        """The candidates whose measured impact earned ``verdict == "super"``."""
+        return tuple(w for w in self.super_weights if w.verdict == "super")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["super_weights"] = [w.to_dict() for w in self.super_weights]
+        return {"schema_version": SCHEMA_VERSION, **data}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> DetectionResult:
+        if not isinstance(data, dict):
+            raise ValueError("a detection result must be a JSON object")
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ValueError(
+                f"unsupported schema_version {version!r}; this version reads {SCHEMA_VERSION}"
+            )
+        weights = data.get("super_weights")
+        if not isinstance(weights, list):
+            raise ValueError("'super_weights' must be a list")
+        model = data.get("model")
+        if not isinstance(model, str):
+            raise ValueError("'model' must be a string")
+        return cls(
+            model=model,
+            super_weights=tuple(SuperWeight.from_dict(w) for w in weights),
+            baseline_perplexity=_optional_number(data, "baseline_perplexity"),
+            joint_ablation_ratio=_optional_number(data, "joint_ablation_ratio"),
+            prepend_bos=bool(data.get("prepend_bos", False)),
+            passes=int(data.get("passes", 0)),
+            options=dict(data.get("options") or {}),
+        )
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> DetectionResult:
+        return cls.from_dict(read_json(path))
+
+
+def _optional_number(data: dict[str, Any], key: str) -> float | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{key!r} must be a number, got {value!r}")
+    return float(value)
+
+
+def read_json(path: str | Path) -> Any:
+    """Read a JSON file with an error that names the file and the problem."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such file: {path}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text (JSON) file") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+
+
+def save_super_weights(
+    weights: list[SuperWeight] | tuple[SuperWeight, ...], path: str | Path
+) -> None:
+    """Write a list of super weights as versioned JSON."""
+    payload = {"schema_version": SCHEMA_VERSION, "super_weights": [w.to_dict() for w in weights]}
+    Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def load_super_weights(path: str | Path) -> list[SuperWeight]:
+    """Read super weights from :func:`save_super_weights` output or a detection result."""
+    data = read_json(path)
+    if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"{path}: not a sw_hooks JSON file of schema_version {SCHEMA_VERSION}")
+    weights = data.get("super_weights")
+    if not isinstance(weights, list):
+        raise ValueError(f"{path}: 'super_weights' must be a list")
+    return [SuperWeight.from_dict(w) for w in weights]

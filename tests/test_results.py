@@ -1,0 +1,55 @@
+import json
+
+import pytest
+
+from sw_hooks.results import (
+    DetectionResult,
+    SuperWeight,
+    load_super_weights,
+    save_super_weights,
+)
+
+SW = SuperWeight("model.layers.2.mlp.down_proj", 2, 3968, 7003, -1.5, 10.0, -2000.0, 0)
+
+
+def test_round_trip_json(tmp_path):
+    result = DetectionResult("m", (SW.with_impact(3.0, 2.0), SW), 12.5, 40.0, True, 2)
+    path = tmp_path / "r.json"
+    result.save(path)
+    assert DetectionResult.load(path) == result
+    assert json.loads(path.read_text())["schema_version"] == 1
+    save_super_weights([SW], tmp_path / "w.json")
+    assert load_super_weights(tmp_path / "w.json") == [SW]
+
+
+def test_verdict_follows_measured_impact():
+    assert SW.with_impact(2.0, 2.0).verdict == "super"
+    assert SW.with_impact(1.99, 2.0).verdict == "candidate"
+    assert SW.with_impact(float("nan"), 2.0).verdict == "candidate"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"module": "m", "row": -1, "col": 0, "value": 1.0},
+        {"module": "m", "row": "1", "col": 0, "value": 1.0},
+        {"module": "m", "row": 1, "col": 0},
+        {"module": "m", "row": 1, "col": 0, "value": 1.0, "verdict": "maybe"},
+        {"module": "m", "row": 1, "col": 0, "value": 1.0, "extra": 1},
+        [1, 2],
+    ],
+)
+def test_malformed_super_weight_is_rejected(bad):
+    with pytest.raises(ValueError):
+        SuperWeight.from_dict(bad)
+
+
+def test_bad_files(tmp_path):
+    (tmp_path / "x.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_super_weights(tmp_path / "x.json")
+    (tmp_path / "y.json").write_text('{"schema_version": 99, "super_weights": []}')
+    with pytest.raises(ValueError, match="schema_version"):
+        DetectionResult.load(tmp_path / "y.json")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_super_weights(tmp_path / "missing.json")

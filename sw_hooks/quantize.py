@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from sw_hooks.access import Coordinate, WeightElement, as_triple, oriented_shape, oriented_weight
-from sw_hooks.locate import is_linear_like
+from sw_hooks.locate import is_linear_like, layer_index
 
 MIN_BITS = 2
 MAX_BITS = 8
@@ -611,17 +611,24 @@ def _activation_holdout(
 
     A super weight ``(module, row, col)`` multiplies the input spike at channel ``col`` of its
     own module and writes the super activation into residual channel ``row``; the residual
-    stream then carries it into every later module that reads the hidden state. So ``col`` is
-    held out at ``module``'s input and ``row`` at the input of every module of hidden width.
+    stream then carries it into the later layers. So ``col`` is held out at ``module``'s
+    input, and ``row`` at the input of every module of hidden width in a later layer (an
+    attention output projection of hidden width is included: widths cannot tell it apart).
     """
     channels: dict[str, set[int]] = {}
     for name, coordinates in _holdout_by_module(model, holdout).items():
         hidden = oriented_shape(model.get_submodule(name))[0]
+        source_layer = layer_index(name)
+        later = {
+            other: module
+            for other, module in chosen.items()
+            if oriented_shape(module)[1] == hidden
+            and (source_layer is None or (layer_index(other) or -1) > source_layer)
+        }
         for row, col in coordinates:
             channels.setdefault(name, set()).add(col)
-            for other, module in chosen.items():
-                if oriented_shape(module)[1] == hidden:
-                    channels.setdefault(other, set()).add(row)
+            for other in later:
+                channels.setdefault(other, set()).add(row)
     return {name: sorted(found) for name, found in channels.items() if name in chosen}
 
 

@@ -492,10 +492,19 @@ class QuantizedModel:
         self.restore()
 
 
-def _holdout_by_module(
+def resolve_holdout(
     model: nn.Module, holdout: Iterable[Coordinate] | None
 ) -> dict[str, list[tuple[int, int]]]:
-    """``{module: [(row, col), ...]}`` in ``[out, in]`` order, every coordinate checked."""
+    """``{module: [(row, col), ...]}`` in ``[out, in]`` order, every coordinate checked.
+
+    Raises:
+        ValueError: a module is missing or a coordinate lies outside its weight.
+
+    Example:
+        >>> from sw_hooks.testing import tiny_model
+        >>> resolve_holdout(tiny_model("llama", num_layers=1), [("model.layers.0.mlp.down_proj", 3, 5)])
+        {'model.layers.0.mlp.down_proj': [(3, 5)]}
+    """
     if holdout is None:
         return {}
     if hasattr(holdout, "super_weights"):  # a DetectionResult: hold out every candidate
@@ -548,7 +557,7 @@ def quantize_model(
     _check_block(block_size, block_shape)
     clip = parse_clip(clip)
     chosen = select_modules(model, modules)
-    held = _holdout_by_module(model, holdout)
+    held = resolve_holdout(model, holdout)
     originals: dict[str, tuple[nn.Module, torch.Tensor]] = {}
     handle = QuantizedModel(originals, held_out=sum(len(held.get(n, ())) for n in chosen))
     try:
@@ -616,7 +625,7 @@ def _activation_holdout(
     attention output projection of hidden width is included: widths cannot tell it apart).
     """
     channels: dict[str, set[int]] = {}
-    for name, coordinates in _holdout_by_module(model, holdout).items():
+    for name, coordinates in resolve_holdout(model, holdout).items():
         hidden = oriented_shape(model.get_submodule(name))[0]
         source_layer = layer_index(name)
         later = {

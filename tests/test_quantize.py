@@ -476,3 +476,25 @@ def test_quantize_activations_rejects_bad_bits() -> None:
         pass
     with torch.no_grad():
         assert math.isfinite(float(model(torch.tensor([[1, 2]])).logits.sum()))
+
+
+# --------------------------------------------------------------------------- command line
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--bits", "9"], "bits must be an integer from 2 to 8"),
+        (["--block-size", "0"], "--block-size must be a positive integer"),
+        (["--clip", "median:2"], "unknown clip"),
+        (["--holdout", "model.layers.1.mlp.down_proj:5"], "MODULE:ROW:COL"),
+    ],
+)
+def test_cli_rejects_bad_arguments_before_loading(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sw_hooks.cli import main
+
+    assert main(["quantize", "--quiet", *argv]) == 2
+    error = capsys.readouterr().err
+    assert message in error and error.count("\n") == 1

@@ -1,0 +1,196 @@
+"""``sw-hooks quantize``: perplexity after block RTN, with and without super-weight holdout."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from sw_hooks.cli._common import (
+    CliError,
+    add_model_arguments,
+    load_model_for_cli,
+    progress,
+    read_text,
+    step,
+    token_ids,
+)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "quantize",
+        help="perplexity after blockwise RTN, with and without the super weights held out",
+        description=(
+            "Fake-quantize every linear weight but the embeddings and the LM head, for each "
+            "bits x block size x clip setting, with and without the super weights held out in "
+            "full precision, and print the perplexity beside the unquantized baseline."
+        ),
+    )
+    add_model_arguments(parser)
+    parser.add_argument(
+        "--bits",
+        type=int,
+        action="append",
+        default=None,
+        help="bits per weight, 2 to 8 (repeatable; default: 4)",
+    )
+    parser.add_argument(
+        "--block-size",
+        type=int,
+        action="append",
+        default=None,
+        help="elements per 1-D block (repeatable; default: 4096)",
+    )
+    parser.add_argument(
+        "--clip",
+        action="append",
+        default=None,
+        help="outlier clipping: none, zscore:Z, top:F, top-tensor:F, iqr:K "
+        "(repeatable; default: none)",
+    )
+    parser.add_argument(
+        "--holdout",
+        action="append",
+        default=None,
+        metavar="MODULE:ROW:COL",
+        help="a super weight to hold out (repeatable); default: detect them",
+    )
+    parser.add_argument(
+        "--super-weights",
+        type=Path,
+        default=None,
+        help="JSON from `sw-hooks detect --json` giving the weights to hold out",
+    )
+    parser.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
+    parser.set_defaults(func=run)
+
+
+def _settings(args: argparse.Namespace) -> list[tuple[int, int, Any]]:
+    """Every (bits, block size, clip) combination, all checked before the model loads."""
+    from sw_hooks.quantize import check_bits, parse_clip
+
+    bits = args.bits or [4]
+    sizes = args.block_size or [4096]
+    try:
+        for value in bits:
+            check_bits(value)
+        clips = [parse_clip(spec) for spec in (args.clip or ["none"])]
+    except (ValueError, TypeError) as error:
+        raise CliError(str(error)) from None
+    for size in sizes:
+        if size <= 0:
+            raise CliError(f"--block-size must be a positive integer, got {size}")
+    return list(itertools.product(bits, sizes, clips))
+
+
+def _parse_holdout(specs: list[str]) -> list[tuple[str, int, int]]:
+    triples = []
+    for spec in specs:
+        module, _, rest = spec.rpartition(":")
+        module, _, row = module.rpartition(":")
+        try:
+            triples.append((module, int(row), int(rest)))
+        except ValueError:
+            raise CliError(f"--holdout takes MODULE:ROW:COL, got {spec!r}") from None
+        if not module:
+            raise CliError(f"--holdout takes MODULE:ROW:COL, got {spec!r}")
+    return triples
+
+
+def _super_weights(args: argparse.Namespace, model: nn.Module, ids: Any) -> list[Any]:
+    """The weights to hold out: given on the command line, read from JSON, or detected."""
+    if args.holdout:
+        return _parse_holdout(args.holdout)
+    if args.super_weights is not None:
+        from sw_hooks.results import load_super_weights
+
+        try:
+            return load_super_weights(args.super_weights)
+        except (OSError, ValueError) as error:
+            raise CliError(f"cannot read {args.super_weights}: {error}") from None
+    from sw_hooks.detect import run_detection
+
+    with step("detecting super weights", quiet=args.quiet):
+        result = run_detection(model, ids, verify_impact=False)
+    return list(result.super_weights)
+
+
+def _describe(weights: list[Any], shown: int = 4) -> str:
+    from sw_hooks.access import as_triple
+
+    names = [f"{m}[{r}, {c}]" for m, r, c in map(as_triple, weights)]
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return (", ".join(names[:shown]) + more) or "none"
+
+
+def _table(baseline: float, runs: list[dict[str, Any]]) -> str:
+    lines = [
+        f"baseline (unquantized) perplexity: {baseline:.2f}",
+        "",
+        f"{'bits':>4}  {'block':>7}  {'clip':<12}  {'no holdout':>12}  {'holdout':>12}",
+    ]
+    pairs: dict[tuple, dict[bool, float]] = {}
+    for run in runs:
+        key = (run["bits"], run["block_size"], run["clip"])
+        pairs.setdefault(key, {})[run["holdout"]] = run["perplexity"]
+    for (bits, size, clip), result in pairs.items():
+        lines.append(
+            f"{bits:>4}  {size:>7}  {clip:<12}  {result[False]:>12.2f}  {result[True]:>12.2f}"
+        )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from sw_hooks.impact import perplexity
+    from sw_hooks.quantize import quantize_model, resolve_holdout
+
+    settings = _settings(args)
+    holdout_given = _parse_holdout(args.holdout) if args.holdout else None
+    model, tokenizer, name = load_model_for_cli(args)
+    ids = token_ids(tokenizer, read_text(args.text), args.max_tokens)
+    weights = holdout_given or _super_weights(args, model, ids)
+    try:
+        resolve_holdout(model, weights)
+    except (ValueError, TypeError) as error:
+        raise CliError(str(error)) from None
+    progress(f"holding out: {_describe(weights)}", quiet=args.quiet)
+    with step("baseline perplexity", quiet=args.quiet):
+        baseline = perplexity(model, ids)
+    runs = []
+    for (bits, size, clip), held in itertools.product(settings, (False, True)):
+        label = f"{bits} bits, block {size}, clip {clip or 'none'}, holdout {held}"
+        with step(label, quiet=args.quiet):
+            with quantize_model(model, bits, size, clip=clip, holdout=weights if held else None):
+                value = perplexity(model, ids)
+        runs.append(
+            {
+                "bits": bits,
+                "block_size": size,
+                "clip": str(clip or "none"),
+                "holdout": held,
+                "perplexity": value,
+            }
+        )
+    print(f"model: {name}; {ids.shape[1]} tokens; held out: {_describe(weights)}")
+    print(_table(baseline, runs))
+    if args.json is not None:
+        payload = {
+            "model": name,
+            "tokens": int(ids.shape[1]),
+            "super_weights": [list(_as_triple(w)) for w in weights],
+            "baseline_perplexity": baseline,
+            "runs": runs,
+        }
+        args.json.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def _as_triple(weight: Any) -> tuple[str, int, int]:
+    from sw_hooks.access import as_triple
+
+    return as_triple(weight)

@@ -1,0 +1,398 @@
+"""Watch super weights over time: the decisions the training callbacks make, framework-free.
+
+:class:`SpikeTracker` takes one recording (``{module: ChannelStats}``) at a time and keeps
+the history: which super weights are known, the value and super activation each had when
+first seen, and the events so far:
+
+* ``"found"``: a spike pair present at the first recording;
+* ``"appeared"``: a spike pair that was not there before (a weight became super);
+* ``"collapsed"``: a known weight's super activation fell below its reference divided by
+  ``collapse_factor``;
+* ``"drifted"``: a known weight's value moved by more than ``drift_fraction`` of its
+  reference value;
+* ``"recovered"``: a collapsed or drifted weight is back within both bounds.
+
+New spike pairs come from :func:`sw_hooks.detect.spike_candidates`, so the callbacks and
+detection agree on what a spike is. :func:`metric_values` names what is logged;
+:func:`watch` wraps a recorder and a tracker around any forward code (``generate``, a
+plain training loop).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from sw_hooks.access import Coordinate, WeightElement, as_triple
+from sw_hooks.locate import layer_index
+from sw_hooks.record import ChannelStats, Recorder, record
+from sw_hooks.results import SuperWeight
+
+EVENT_KINDS = ("found", "appeared", "collapsed", "drifted", "recovered")
+WARNING_KINDS = ("appeared", "collapsed", "drifted")
+ValueReader = Callable[[nn.Module, tuple[str, int, int]], float]
+
+
+@dataclass(frozen=True)
+class WeightEvent:
+    """Something that happened to one super weight at one recording."""
+
+    step: int
+    kind: str
+    module: str
+    row: int
+    col: int
+    value: float
+    activation: float
+    reference_value: float
+    reference_activation: float
+    stage: str = "train"
+
+    @property
+    def tag(self) -> str:
+        return weight_tag(self.module, self.row, self.col)
+
+    def describe(self) -> str:
+        return (
+            f"super weight {self.module}[{self.row}, {self.col}] {self.kind} at {self.stage} "
+            f"step {self.step}: value {self.value:.4g} (was {self.reference_value:.4g}), "
+            f"super activation {self.activation:.4g} (was {self.reference_activation:.4g})"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def weight_tag(module: str, row: int, col: int) -> str:
+    """A stable, logger-safe name for one weight: ``layer_<L>.row_<r>.col_<c>``."""
+    return f"{module_tag(module)}.row_{row}.col_{col}"
+
+
+def module_tag(module: str) -> str:
+    """``layer_<L>`` for a module with a layer index, else its name with dots as underscores."""
+    index = layer_index(module)
+    return f"layer_{index}" if index is not None else re.sub(r"[^\w]", "_", module)
+
+
+def read_weight(model: nn.Module, coordinate: tuple[str, int, int]) -> float:
+    """The weight's value as a float (gathers an FSDP2 shard: call it on every rank)."""
+    return WeightElement.resolve(model, coordinate).read_float()
+
+
+@dataclass
+class _Tracked:
+    weight: SuperWeight
+    reference_activation: float | None
+    flags: set[str] = field(default_factory=set)
+
+
+class SpikeTracker:
+    """The history of a model's super weights across recordings.
+
+    Args:
+        super_weights: weights known in advance (``SuperWeight`` or ``(module, row, col)``);
+            their reference activation is taken at the first recording.
+        collapse_factor: a weight collapses when its super activation falls below
+            ``reference / collapse_factor``.
+        drift_fraction: a weight drifts when ``|value - reference| > drift_fraction * |reference|``.
+        spike_options: passed to :func:`sw_hooks.detect.spike_candidates`.
+
+    Example:
+        >>> from sw_hooks.testing import planted_llama
+        >>> planted = planted_llama()
+        >>> tracker = SpikeTracker()
+        >>> with record(planted.model) as rec, torch.no_grad():
+        ...     _ = planted.model(planted.prompt())
+        >>> [(e.kind, e.row, e.col) for e in tracker.update(planted.model, rec.stats, step=0)]
+        [('found', 5, 17), ('found', 9, 33)]
+    """
+
+    def __init__(
+        self,
+        super_weights: Iterable[SuperWeight | Coordinate] = (),
+        *,
+        collapse_factor: float = 10.0,
+        drift_fraction: float = 0.5,
+        spike_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not collapse_factor > 1.0:
+            raise ValueError(f"collapse_factor must be > 1, got {collapse_factor!r}")
+        if not drift_fraction > 0.0:
+            raise ValueError(f"drift_fraction must be > 0, got {drift_fraction!r}")
+        self.collapse_factor = float(collapse_factor)
+        self.drift_fraction = float(drift_fraction)
+        self.spike_options = dict(spike_options or {})
+        self._tracked: dict[tuple[str, int, int], _Tracked] = {}
+        self.events: list[WeightEvent] = []
+        self.recordings = 0
+        for weight in super_weights:
+            self._add(as_super_weight(weight), activation=None)
+
+    @property
+    def super_weights(self) -> list[SuperWeight]:
+        """Every known super weight, in the order first seen, with its reference value."""
+        return [t.weight for t in self._tracked.values()]
+
+    def qualify(self, model: nn.Module) -> None:
+        """Rename known weights to their full module names inside ``model`` (see :func:`qualify`)."""
+        renamed = qualify(model, [t.weight for t in self._tracked.values()])
+        self._tracked = {
+            weight.coordinate: _Tracked(weight, t.reference_activation, t.flags)
+            for weight, t in zip(renamed, self._tracked.values(), strict=True)
+        }
+
+    def status(self, coordinate: Coordinate) -> set[str]:
+        """The weight's current flags: a subset of ``{"collapsed", "drifted"}``."""
+        return set(self._tracked[as_triple(coordinate)].flags)
+
+    def update(
+        self,
+        model: nn.Module,
+        stats: Mapping[str, ChannelStats],
+        *,
+        step: int,
+        stage: str = "train",
+        read_value: ValueReader = read_weight,
+    ) -> list[WeightEvent]:
+        """Fold in one recording; return (and keep) the events it caused."""
+        new = self._new_spikes(model, stats, step, stage)
+        changed = self._check_known(model, stats, step, stage, read_value)
+        self.recordings += 1
+        self.events += new + changed
+        return new + changed
+
+    def current(
+        self,
+        model: nn.Module,
+        stats: Mapping[str, ChannelStats],
+        read_value: ValueReader = read_weight,
+    ) -> dict[tuple[str, int, int], tuple[float, float]]:
+        """``{coordinate: (value, super activation)}`` of every known weight recorded in ``stats``."""
+        return {
+            coordinate: (read_value(model, coordinate), _activation(stats, coordinate))
+            for coordinate in self._tracked
+            if coordinate[0] in stats
+        }
+
+    def _new_spikes(self, model, stats, step: int, stage: str) -> list[WeightEvent]:
+        from sw_hooks.detect import spike_candidates
+
+        kind = "found" if self.recordings == 0 else "appeared"
+        events = []
+        for candidate in spike_candidates(model, stats, **self.spike_options):
+            if candidate.coordinate in self._tracked:
+                continue
+            activation = abs(candidate.output_activation)
+            self._add(candidate, activation)
+            events.append(self._event(step, kind, candidate, candidate.value, activation, stage))
+        return events
+
+    def _check_known(self, model, stats, step: int, stage: str, read_value) -> list[WeightEvent]:
+        events = []
+        for coordinate, tracked in self._tracked.items():
+            if coordinate[0] not in stats:
+                continue  # not recorded this time: no evidence either way
+            value, activation = read_value(model, coordinate), _activation(stats, coordinate)
+            if tracked.reference_activation is None:
+                tracked.reference_activation = activation
+                tracked.weight = replace(tracked.weight, value=value, output_activation=activation)
+            flags = self._flags(tracked, value, activation)
+            for kind in sorted(flags - tracked.flags):
+                events.append(self._event(step, kind, tracked.weight, value, activation, stage))
+            if tracked.flags and not flags:
+                events.append(
+                    self._event(step, "recovered", tracked.weight, value, activation, stage)
+                )
+            tracked.flags = flags
+        return events
+
+    def _flags(self, tracked: _Tracked, value: float, activation: float) -> set[str]:
+        flags = set()
+        if activation * self.collapse_factor < (tracked.reference_activation or 0.0):
+            flags.add("collapsed")
+        reference = tracked.weight.value
+        if abs(value - reference) > self.drift_fraction * abs(reference):
+            flags.add("drifted")
+        return flags
+
+    def _add(self, weight: SuperWeight, activation: float | None) -> None:
+        self._tracked[weight.coordinate] = _Tracked(weight, activation)
+
+    def _event(self, step, kind, weight: SuperWeight, value, activation, stage) -> WeightEvent:
+        tracked = self._tracked[weight.coordinate]
+        return WeightEvent(
+            step=int(step),
+            kind=kind,
+            module=weight.module,
+            row=weight.row,
+            col=weight.col,
+            value=float(value),
+            activation=float(activation),
+            reference_value=float(tracked.weight.value),
+            reference_activation=float(tracked.reference_activation or 0.0),
+            stage=stage,
+        )
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Plain Python data (JSON-friendly): known weights, references, flags, events."""
+        return {
+            "recordings": self.recordings,
+            "tracked": [
+                {
+                    "weight": t.weight.to_dict(),
+                    "reference_activation": t.reference_activation,
+                    "flags": sorted(t.flags),
+                }
+                for t in self._tracked.values()
+            ],
+            "events": [e.to_dict() for e in self.events],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Replace the history with a :meth:`state_dict`."""
+        tracked = {}
+        for item in state["tracked"]:
+            weight = SuperWeight.from_dict(item["weight"])
+            tracked[weight.coordinate] = _Tracked(
+                weight, item["reference_activation"], set(item["flags"])
+            )
+        self._tracked = tracked
+        self.events = [WeightEvent(**e) for e in state["events"]]
+        self.recordings = int(state["recordings"])
+
+
+def as_super_weight(weight: SuperWeight | Coordinate) -> SuperWeight:
+    """A :class:`SuperWeight` from a ``(module, row, col)`` tuple (value filled in later)."""
+    if isinstance(weight, SuperWeight):
+        return weight
+    module, row, col = as_triple(weight)
+    return SuperWeight(module=module, layer=layer_index(module), row=row, col=col, value=0.0)
+
+
+def _activation(stats: Mapping[str, ChannelStats], coordinate: tuple[str, int, int]) -> float:
+    output = stats[coordinate[0]].output
+    return float(output.abs_max[coordinate[1]]) if output is not None else 0.0
+
+
+def qualify(model: nn.Module, weights: Iterable[SuperWeight | Coordinate]) -> list[SuperWeight]:
+    """Rename each weight's module to its full name inside ``model``.
+
+    Coordinates are usually given relative to the bare transformer
+    (``model.layers.11.mlp.down_proj``) while a training wrapper holds it as an attribute
+    (``net.model.layers.11.mlp.down_proj``); a name that is not in ``model`` is matched by
+    suffix, and must match exactly one module.
+    """
+    names = [name for name, _ in model.named_modules()]
+    qualified = []
+    for weight in map(as_super_weight, weights):
+        full = _full_name(names, weight.module, type(model).__name__)
+        qualified.append(replace(weight, module=full))
+    return qualified
+
+
+def _full_name(names: list[str], name: str, owner: str) -> str:
+    if name in names:
+        return name
+    matches = [n for n in names if n.endswith("." + name)]
+    if len(matches) != 1:
+        found = "no module" if not matches else f"{len(matches)} modules ({matches[:3]})"
+        raise ValueError(f"{found} named {name!r} or ending in '.{name}' in {owner}")
+    return matches[0]
+
+
+def metric_values(
+    stats: Mapping[str, ChannelStats],
+    tracker: SpikeTracker,
+    current: Mapping[tuple[str, int, int], tuple[float, float]],
+    events: Iterable[WeightEvent] = (),
+    *,
+    stage: str = "train",
+    prefix: str = "sw",
+) -> dict[str, float]:
+    """The scalars the callbacks log, under stable names (``<prefix>/<stage>/...``).
+
+    * ``<layer>/input_max``, ``<layer>/output_max``: the down-projection's largest
+      ``|input|`` and ``|output|`` (``<layer>`` is ``layer_<L>``);
+    * ``<weight>/value``, ``<weight>/activation``: each known super weight's value and its
+      super activation (``|output|`` at its row), ``<weight>`` being
+      ``layer_<L>.row_<r>.col_<c>``;
+    * ``super_weights``: how many are known; ``events/<kind>``: events of each kind so far;
+    * ``event/<kind>/<weight>``: ``1.0`` at the recording where that event happened.
+    """
+    base = f"{prefix}/{stage}"
+    values: dict[str, float] = {}
+    for name, module_stats in stats.items():
+        for side in ("input", "output"):
+            maxima = getattr(module_stats, side)
+            if maxima is not None:
+                values[f"{base}/{module_tag(name)}/{side}_max"] = float(maxima.abs_max.max())
+    for (module, row, col), (value, activation) in current.items():
+        values[f"{base}/{weight_tag(module, row, col)}/value"] = float(value)
+        values[f"{base}/{weight_tag(module, row, col)}/activation"] = float(activation)
+    values[f"{base}/super_weights"] = float(len(tracker.super_weights))
+    for kind in EVENT_KINDS:
+        values[f"{prefix}/events/{kind}"] = float(sum(e.kind == kind for e in tracker.events))
+    for event in events:
+        values[f"{prefix}/event/{event.kind}/{event.tag}"] = 1.0
+    return values
+
+
+class Watch:
+    """What :func:`watch` yields: the recorder while inside, the tracker and events after."""
+
+    def __init__(self, model: nn.Module, tracker: SpikeTracker, recorder: Recorder) -> None:
+        self.model, self.tracker, self.recorder = model, tracker, recorder
+        self.events: list[WeightEvent] = []
+        self.values: dict[str, float] = {}
+
+    def check(self, step: int = 0, stage: str = "watch") -> list[WeightEvent]:
+        """Decide on what was recorded so far, then start a fresh recording."""
+        stats = self.recorder.stats
+        if not stats:
+            return []
+        events = self.tracker.update(self.model, stats, step=step, stage=stage)
+        current = self.tracker.current(self.model, stats)
+        self.values = metric_values(stats, self.tracker, current, events, stage=stage)
+        self.events += events
+        self.recorder.reset()
+        return events
+
+
+@contextmanager
+def watch(
+    model: nn.Module,
+    tracker: SpikeTracker | None = None,
+    *,
+    pattern: Any = None,
+    step: int = 0,
+    stage: str = "watch",
+) -> Iterator[Watch]:
+    """Record the down-projections inside the block; on exit, fold the recording into ``tracker``.
+
+    Works around anything that runs the model: ``generate``, evaluation, a training step.
+    Call :meth:`Watch.check` inside the block to decide more often (every N steps).
+
+    Example:
+        >>> from sw_hooks.testing import planted_llama
+        >>> planted = planted_llama()
+        >>> with watch(planted.model) as w, torch.no_grad():
+        ...     _ = planted.model(planted.prompt())
+        >>> [e.kind for e in w.events], w.values["sw/watch/super_weights"]
+        (['found', 'found'], 2.0)
+    """
+    tracker = tracker if tracker is not None else SpikeTracker()
+    recorder = record(model, pattern)
+    watcher = Watch(model, tracker, recorder)
+    try:
+        yield watcher
+    finally:
+        recorder.remove()
+    with torch.no_grad():
+        watcher.check(step, stage)

@@ -1,0 +1,156 @@
+"""Hugging Face ``Trainer`` glue: the super-weight monitor and guard as a ``TrainerCallback``.
+
+The decisions are :class:`sw_hooks.monitor.SpikeTracker`'s, the guard is
+:class:`sw_hooks.guard.WeightGuard`; this file only wires them to the ``Trainer``'s
+events. :func:`watch` (re-exported from :mod:`sw_hooks.monitor`) is the same monitor as a
+context manager, for ``model.generate(...)`` or a hand-written loop.
+
+Example:
+    >>> from transformers import Trainer  # doctest: +SKIP
+    >>> callback = SuperWeightCallback(every_n_steps=10, guard="restore")  # doctest: +SKIP
+    >>> Trainer(model=model, args=args, train_dataset=data, callbacks=[callback]).train()  # doctest: +SKIP
+    >>> with watch(model) as seen:  # doctest: +SKIP
+    ...     model.generate(ids, max_new_tokens=20)
+    >>> seen.events  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from sw_hooks.access import Coordinate
+from sw_hooks.guard import GUARD_MODES, WeightGuard
+from sw_hooks.locate import find_down_projections
+from sw_hooks.metrics import ChannelMax, module_channels
+from sw_hooks.monitor import WARNING_KINDS, SpikeTracker, WeightEvent, metric_values, watch
+from sw_hooks.record import Recorder, record
+from sw_hooks.results import SuperWeight
+
+__all__ = ["SuperWeightCallback", "watch"]
+
+
+class SuperWeightCallback(TrainerCallback):
+    """Monitor (and optionally guard) super weights while a Hugging Face ``Trainer`` trains.
+
+    Every ``every_n_steps`` optimizer steps it records the down-projections over that
+    step's micro-batches, reduces the maxima across processes (max), folds them into a
+    :class:`~sw_hooks.monitor.SpikeTracker` and warns about each new, collapsed or drifted
+    super weight. The scalars (names as in :func:`~sw_hooks.monitor.metric_values`) are
+    appended to ``state.log_history`` on the main process (saved in ``trainer_state.json``)
+    and kept in :attr:`last_values`.
+
+    Args:
+        super_weights: weights known in advance; others are found on the fly.
+        every_n_steps: record one optimizer step out of this many.
+        guard: ``None``, ``"restore"`` or ``"freeze"`` (see :mod:`sw_hooks.guard`); guards
+            ``super_weights``, or those found at the first recording if none were given.
+        pattern, collapse_factor, drift_fraction, spike_options, prefix: as for
+            :class:`sw_hooks.lightning.SuperWeightMonitor`.
+    """
+
+    def __init__(
+        self,
+        super_weights: Iterable[SuperWeight | Coordinate] = (),
+        *,
+        every_n_steps: int = 50,
+        guard: str | None = None,
+        pattern: Any = None,
+        collapse_factor: float = 10.0,
+        drift_fraction: float = 0.5,
+        spike_options: dict[str, Any] | None = None,
+        prefix: str = "sw",
+    ) -> None:
+        if not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}")
+        if guard is not None and guard not in GUARD_MODES:
+            raise ValueError(f"guard must be None or one of {GUARD_MODES}, got {guard!r}")
+        self.every_n_steps, self.guard_mode, self.pattern, self.prefix = (
+            every_n_steps,
+            guard,
+            pattern,
+            prefix,
+        )
+        self.tracker = SpikeTracker(
+            super_weights,
+            collapse_factor=collapse_factor,
+            drift_fraction=drift_fraction,
+            spike_options=spike_options,
+        )
+        self.last_values: dict[str, float] = {}
+        self.guard: WeightGuard | None = None
+        self._model: nn.Module | None = None
+        self._optimizer: Any = None
+        self._metric: ChannelMax | None = None
+        self._recorder: Recorder | None = None
+
+    @property
+    def events(self) -> list[WeightEvent]:
+        return list(self.tracker.events)
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None = None, optimizer: Any = None, **kwargs: Any) -> None:  # fmt: skip
+        self._model, self._optimizer = model, getattr(optimizer, "optimizer", optimizer)
+        modules = find_down_projections(model, self.pattern)  # clear ValueError if none
+        self._modules = modules
+        self._metric = ChannelMax(module_channels(model, modules)).to(_device(model))
+        self.tracker.qualify(model)
+        self._guard(self.tracker.super_weights)
+
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:  # fmt: skip
+        if state.global_step % self.every_n_steps == 0 and self._recorder is None:
+            self._recorder, self._step = record(self._model, self._modules), state.global_step
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:  # fmt: skip
+        if self._recorder is None:
+            return
+        stats = self._recorder.stats
+        self._stop()
+        self._metric.update(stats)
+        reduced = self._metric.compute_stats()
+        self._metric.reset()
+        with torch.no_grad():
+            events = self.tracker.update(self._model, reduced, step=self._step)
+            current = self.tracker.current(self._model, reduced)
+        self.last_values = metric_values(reduced, self.tracker, current, events, prefix=self.prefix)
+        self._report(state, events)
+        if self.guard is None:
+            self._guard(self.tracker.super_weights)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:  # fmt: skip
+        self._stop()
+        if self.guard is not None:
+            self.guard.detach()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The tracker's history, for saving next to a checkpoint."""
+        return self.tracker.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tracker.load_state_dict(state)
+
+    def _guard(self, weights: list[SuperWeight]) -> None:
+        if self.guard_mode is None or not weights or self._optimizer is None:
+            return
+        self.guard = WeightGuard(self._model, weights, self.guard_mode).attach(self._optimizer)
+
+    def _stop(self) -> None:
+        if self._recorder is not None:
+            self._recorder.remove()
+            self._recorder = None
+
+    def _report(self, state: TrainerState, events: list[WeightEvent]) -> None:
+        if not state.is_world_process_zero:
+            return
+        for event in events:
+            if event.kind in WARNING_KINDS:
+                warnings.warn(event.describe(), stacklevel=2)
+        state.log_history.append({**self.last_values, "step": self._step})
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device

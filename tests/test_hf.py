@@ -1,0 +1,79 @@
+"""The Hugging Face Trainer callback and the watch() context manager on tiny planted models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Trainer, TrainingArguments
+
+from sw_hooks.hf import SuperWeightCallback, watch
+from sw_hooks.testing import planted_llama
+
+SUPER = ("model.layers.1.mlp.down_proj", 5, 17)
+
+
+class Sequences(torch.utils.data.Dataset):
+    def __init__(self, count: int = 6) -> None:
+        planted = planted_llama()
+        self.ids = [planted.calibration_ids(32, seed=i)[0] for i in range(count)]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[index], "labels": self.ids[index]}
+
+
+def train(tmp_path, callback: SuperWeightCallback, weight_decay: float = 0.0):
+    model = planted_llama().model.train()
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        weight_decay=weight_decay,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=Sequences(), callbacks=[callback])
+    before = model.model.layers[1].mlp.down_proj.weight.detach().clone()
+    trainer.train()
+    return trainer, before, model.model.layers[1].mlp.down_proj.weight.detach()
+
+
+@pytest.mark.parametrize(("mode", "weight_decay"), [("restore", 0.01), ("freeze", 0.0)])
+def test_trainer_callback_monitors_and_guards(tmp_path, mode, weight_decay) -> None:
+    callback = SuperWeightCallback([SUPER], every_n_steps=1, guard=mode)
+    trainer, before, after = train(tmp_path, callback, weight_decay)
+    assert torch.equal(after[5, 17], before[5, 17])
+    assert (after != before).float().mean() > 0.5
+    kinds = [(e.kind, e.module, e.row, e.col) for e in callback.events]
+    assert kinds == [("found", "model.layers.3.mlp.down_proj", 9, 33)]  # SUPER was given
+    logged = [h for h in trainer.state.log_history if "sw/train/layer_1/output_max" in h]
+    assert [h["step"] for h in logged] == [0, 1, 2]
+    assert logged[-1]["sw/train/layer_1.row_5.col_17/value"] == 8.0
+
+
+def test_trainer_callback_without_guard_lets_weight_move(tmp_path) -> None:
+    callback = SuperWeightCallback(every_n_steps=2)
+    trainer, before, after = train(tmp_path, callback)
+    assert after[5, 17] != before[5, 17]
+    assert [h["step"] for h in trainer.state.log_history if "sw/events/found" in h] == [0, 2]
+    assert {e.row for e in callback.events} == {5, 9}
+
+
+def test_watch_around_generate(planted) -> None:
+    with watch(planted.model) as seen:
+        planted.model.generate(planted.prompt()[:, :3], max_new_tokens=4, do_sample=False)
+    assert [(e.kind, e.row, e.col) for e in seen.events] == [("found", 5, 17), ("found", 9, 33)]
+    assert seen.values["sw/watch/layer_1.row_5.col_17/value"] == 8.0
+    assert seen.recorder.stats == {}  # hooks removed, recording folded into the tracker
+
+
+def test_callback_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="guard must be None or one of"):
+        SuperWeightCallback(guard="lock")
+    with pytest.raises(ValueError, match="every_n_steps must be a positive integer"):
+        SuperWeightCallback(every_n_steps=0)

@@ -109,8 +109,8 @@ class WeightElement:
         """The element as a Python float (gathers a sharded weight: call it on every rank)."""
         weight = _real_weight(self.module)
         if _is_dtensor(weight):
-            return float(weight.full_tensor()[self.storage_index])
-        return float(weight[self.storage_index])
+            return float(weight.full_tensor().detach()[self.storage_index])
+        return float(weight.detach()[self.storage_index])
 
     def write(self, value: torch.Tensor | None) -> None:
         """Write a value (bit-exact when it came from :meth:`read`); no-op off-shard."""

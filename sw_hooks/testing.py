@@ -239,6 +239,12 @@ def plant_super_weight(
     """
     planted = model if isinstance(model, PlantedModel) else PlantedModel(model)
     net = planted.model
+    same_row = [p for p in planted.planted if p.row == row and p.target_token != target_token]
+    if same_row:
+        raise ValueError(
+            f"row {row} already predicts token {same_row[0].target_token}: a super "
+            "activation's row reads out as one token, so plant it with that target"
+        )
     down_name = _down_projection_of_layer(net, layer)
     embedding = net.get_input_embeddings().weight.data
     hidden = embedding.shape[1]
@@ -268,22 +274,24 @@ def plant_super_weight(
         )
     )
     with torch.no_grad():
-        _quiet_post_mlp_norm(
-            net, down_name, [p.row for p in planted.planted if p.module == down_name]
-        )
+        _quiet_post_norms(net, planted.planted)
     return planted
 
 
-def _quiet_post_mlp_norm(model: nn.Module, down_name: str, rows: list[int]) -> None:
+def _quiet_post_norms(model: nn.Module, planted: list[PlantedWeight]) -> None:
     """Gemma2/3 and OLMo2 renormalise every MLP output before the residual add, so an
-    ordinary token's MLP output is as large as a super activation. Turn that norm's gain
-    down to 1/4 except on the planted rows, as trained models do by learning it."""
-    layer_name = down_name.rsplit(".", 2)[0]
-    norm = getattr(model.get_submodule(layer_name), "post_feedforward_layernorm", None)
-    if norm is None:
-        return
+    ordinary output is as large as a super activation. In each planted layer, turn that
+    norm's gain down to 1/4 except on the planted rows, as trained models learn to."""
+    for name in {p.module for p in planted}:
+        layer = model.get_submodule(name.rsplit(".", 2)[0])
+        post_mlp = getattr(layer, "post_feedforward_layernorm", None)
+        if post_mlp is not None:
+            _set_gain(post_mlp, [p.row for p in planted if p.module == name])
+
+
+def _set_gain(norm: nn.Module, loud_rows: list[int]) -> None:
     gain = torch.full_like(norm.weight.data, 0.25)
-    gain[rows] = 1.0
+    gain[loud_rows] = 1.0
     # Gemma's RMSNorm multiplies by (1 + weight), initialised at 0; OLMo2's by weight, at 1.
     offset = 1.0 if type(norm).__name__.startswith("Gemma") else 0.0
     norm.weight.data.copy_(gain - offset)

@@ -1,0 +1,122 @@
+"""``sw-hooks detect``: find the super weights of a model and measure each one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from sw_hooks.cli._common import (
+    CliError,
+    add_model_arguments,
+    load_model_for_cli,
+    progress,
+    read_text,
+    step,
+    token_ids,
+)
+from sw_hooks.results import DetectionResult
+
+PROMPT_TOKENS = 128
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "detect",
+        help="detect super weights and verify them by ablation",
+        description="Detect super weights from activation spikes and "
+        "measure each one's effect on perplexity.",
+    )
+    add_model_arguments(parser)
+    parser.add_argument(
+        "--prompt",
+        default=None,
+        help=f"prompt to record spikes on (default: the first {PROMPT_TOKENS} tokens of the text)",
+    )
+    parser.add_argument(
+        "--bos", action="store_true", help="put the tokenizer's BOS token before the prompt"
+    )
+    parser.add_argument(
+        "--min-impact",
+        type=float,
+        default=2.0,
+        help="perplexity ratio at which a candidate is a super weight (default: 2.0)",
+    )
+    parser.add_argument(
+        "--spike-factor",
+        type=float,
+        default=8.0,
+        help="how far above the median layer a spike must stand (default: 8)",
+    )
+    parser.add_argument("--no-verify", action="store_true", help="skip the ablation measurements")
+    parser.add_argument(
+        "--json", type=Path, default=None, dest="json_out", help="write the result as JSON here"
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from sw_hooks.detect import DetectionOptions, run_detection
+
+    try:
+        options = DetectionOptions(min_impact=args.min_impact, spike_factor=args.spike_factor)
+    except ValueError as error:
+        raise CliError(str(error)) from None
+    _check_output(args.json_out)
+    text = read_text(args.text)
+    model, tokenizer, name = load_model_for_cli(args)
+    calibration = token_ids(tokenizer, text, args.max_tokens, prepend_bos=args.bos)
+    prompt = (
+        token_ids(tokenizer, args.prompt, PROMPT_TOKENS, prepend_bos=args.bos)
+        if args.prompt is not None
+        else calibration[:, :PROMPT_TOKENS]
+    )
+    try:
+        with step("detecting", quiet=args.quiet):
+            result = run_detection(
+                model,
+                prompt,
+                calibration=calibration,
+                verify_impact=not args.no_verify,
+                options=options,
+                model_name=name,
+                prepend_bos=args.bos,
+                progress=lambda line: progress(line, quiet=args.quiet),
+            )
+    except ValueError as error:
+        raise CliError(str(error).splitlines()[0]) from None
+    print(format_table(result))
+    if args.json_out is not None:
+        args.json_out.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        progress(f"wrote {args.json_out}", quiet=args.quiet)
+    return 0
+
+
+def _check_output(path: Path | None) -> None:
+    if path is not None and not path.parent.exists():
+        raise CliError(f"cannot write {path}: folder {path.parent} does not exist")
+
+
+def format_table(result: DetectionResult) -> str:
+    """The result as a fixed-width table, super weights first, then the other candidates."""
+    lines = [f"model: {result.model}"]
+    if result.baseline_perplexity is not None:
+        lines.append(f"baseline perplexity: {result.baseline_perplexity:.3f}")
+    header = f"{'layer':>5}  {'module':<34} {'[row, col]':<14} {'weight':>9} {'in act':>10} {'out act':>11} {'tok':>4} {'impact':>9}  verdict"
+    lines += [header, "-" * len(header)]
+    ordered = sorted(result.super_weights, key=lambda w: (w.verdict != "super", -(w.impact or 0)))
+    for w in ordered:
+        impact = f"x{w.impact:.2f}" if w.impact is not None else "-"
+        lines.append(
+            f"{w.layer if w.layer is not None else '-':>5}  {w.module:<34} {f'[{w.row}, {w.col}]':<14} "
+            f"{w.value:>9.4f} {w.input_activation:>10.1f} {w.output_activation:>11.1f} "
+            f"{w.token_position:>4} {impact:>9}  {w.verdict}"
+        )
+    if not result.super_weights:
+        lines.append("(no spike pairs found)")
+    if result.joint_ablation_ratio is not None:
+        lines.append(
+            f"all {len(result.super_weights)} candidates zeroed together: perplexity x{result.joint_ablation_ratio:.2f}"
+        )
+    lines.append(f"super weights: {len(result.verified)} of {len(result.super_weights)} candidates")
+    return "\n".join(lines)

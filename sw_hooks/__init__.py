@@ -4,12 +4,30 @@ from sw_hooks.access import WeightElement, oriented_weight
 from sw_hooks.locate import KNOWN_DOWN_PROJECTIONS, find_down_projections, layer_index
 from sw_hooks.masks import ablate, preserve, restore_activation, scale
 from sw_hooks.models import DEFAULT_MODEL, calibration_text, load_model, tokenize
+from sw_hooks.quantize import (
+    IQRClip,
+    QuantizedModel,
+    TopFractionClip,
+    ZScoreClip,
+    parse_clip,
+    quantize_activations,
+    quantize_model,
+    quantize_tensor,
+)
 from sw_hooks.record import ChannelMaxima, ChannelStats, Recorder, record
 from sw_hooks.results import DetectionResult, SuperWeight, load_super_weights, save_super_weights
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "IQRClip",
+    "QuantizedModel",
+    "TopFractionClip",
+    "ZScoreClip",
+    "parse_clip",
+    "quantize_activations",
+    "quantize_model",
+    "quantize_tensor",
     "DEFAULT_MODEL",
     "KNOWN_DOWN_PROJECTIONS",
     "ChannelMaxima",

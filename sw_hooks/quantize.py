@@ -287,9 +287,11 @@ def choose_qparams(
         ([[1.0]], [[1.0]])
     """
     bits = check_bits(bits)
-    valid = torch.ones_like(blocks, dtype=torch.bool) if valid is None else valid
-    low = torch.where(valid, blocks, torch.full_like(blocks, math.inf)).amin(dim=-1, keepdim=True)
-    high = torch.where(valid, blocks, torch.full_like(blocks, -math.inf)).amax(dim=-1, keepdim=True)
+    if valid is None:
+        low, high = blocks.amin(dim=-1, keepdim=True), blocks.amax(dim=-1, keepdim=True)
+    else:
+        low = torch.where(valid, blocks, math.inf).amin(dim=-1, keepdim=True)
+        high = torch.where(valid, blocks, -math.inf).amax(dim=-1, keepdim=True)
     # Including 0 keeps all-positive blocks representable and makes empty blocks [0, 0].
     low, high = low.clamp(max=0), high.clamp(min=0)
     if symmetric:
@@ -386,11 +388,14 @@ def quantize_tensor(
     held = None if holdout is None else holdout_mask(w.shape, holdout).to(w.device)
     work_dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
     blocks = _to_blocks(w.detach().to(work_dtype), block)
-    # Padding enters as zeros in ``keep`` too, so it is invalid like a held-out element.
-    keep = torch.ones_like(w, dtype=work_dtype) if held is None else (~held).to(work_dtype)
-    valid = _to_blocks(keep, block) > 0
+    valid = None
+    if held is not None or blocks.numel() != w.numel():
+        # Padding enters as zeros in ``keep`` too, so it is invalid like a held-out element.
+        keep = torch.ones_like(w, dtype=work_dtype) if held is None else (~held).to(work_dtype)
+        valid = _to_blocks(keep, block) > 0
     if clip is not None:
-        blocks = _clip_blocks(blocks, valid, clip)
+        all_valid = torch.ones_like(blocks, dtype=torch.bool) if valid is None else valid
+        blocks = _clip_blocks(blocks, all_valid, clip)
     params = choose_qparams(blocks, bits, symmetric=symmetric, valid=valid)
     result = _from_blocks(fake_quantize(blocks, params), block, w.shape).to(w.dtype)
     return result if held is None else torch.where(held, w.detach(), result)

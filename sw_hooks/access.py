@@ -9,6 +9,7 @@ accelerate-offloaded weight (the offload map is the source of truth).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -117,7 +118,7 @@ class WeightElement:
         if value is None:
             return
         with torch.no_grad():
-            target = _local_target(self.module, self.storage_index)
+            target = _local_target(self.module, self.storage_index, for_writing=True)
             if target is None:
                 return
             tensor, index = target
@@ -128,30 +129,67 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
     return type(tensor).__name__ == "DTensor" and hasattr(tensor, "to_local")
 
 
-def _offloaded_weight(module: nn.Module) -> torch.Tensor | None:
+def _offload_map(module: nn.Module) -> Mapping[str, torch.Tensor] | None:
+    """The weights map of the module's accelerate offload hook (inside a ``SequentialHook`` too)."""
+    hook = getattr(module, "_hf_hook", None)
+    for candidate in getattr(hook, "hooks", None) or (hook,):
+        weights_map = getattr(candidate, "weights_map", None)
+        if weights_map is not None:
+            return weights_map
+    return None
+
+
+def _offloaded_weight(module: nn.Module, *, for_writing: bool = False) -> torch.Tensor | None:
     """The real weight behind an accelerate offload hook, when the parameter is a meta placeholder."""
     if module.weight.device.type != "meta":
         return None
-    hook = getattr(module, "_hf_hook", None)
-    weights_map = getattr(hook, "weights_map", None)
+    weights_map = _offload_map(module)
     if weights_map is None:
         raise ValueError(
             "this weight is on the meta device and no offload hook holds its values; "
             "load the model with real weights"
         )
-    return weights_map["weight"]
+    return _writable_entry(weights_map, "weight") if for_writing else weights_map["weight"]
 
 
-def _real_weight(module: nn.Module) -> torch.Tensor:
-    offloaded = _offloaded_weight(module)
+def _writable_entry(weights_map: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
+    """The offloaded tensor whose edits the offload hook sees on its next forward.
+
+    CPU-offloaded weights live in an in-memory state dict: that tensor itself is returned.
+    Disk-offloaded weights (a safetensors checkpoint or ``.dat`` memory maps) are read
+    afresh on every access, so an edit to what one read returned would be lost, and the
+    files may be the user's own checkpoint. Such a weight is copied once into the loader's
+    in-memory state dict, which takes priority over the disk on every later read: from the
+    first write on, that one matrix lives in CPU memory. Files on disk are never written.
+    """
+    while hasattr(weights_map, "dataset") and hasattr(weights_map, "prefix"):  # PrefixedDataset
+        key, weights_map = f"{weights_map.prefix}{key}", weights_map.dataset
+    if isinstance(weights_map, dict):
+        return weights_map[key]
+    in_memory = getattr(weights_map, "state_dict", None)
+    if isinstance(in_memory, dict):
+        if key not in in_memory:
+            in_memory[key] = weights_map[key].clone()
+        return in_memory[key]
+    tensor = weights_map[key]
+    if weights_map[key] is not tensor:
+        raise ValueError(
+            f"cannot write offloaded weight {key!r}: its {type(weights_map).__name__} "
+            "returns a new copy on every read, so a write would be lost"
+        )
+    return tensor
+
+
+def _real_weight(module: nn.Module, *, for_writing: bool = False) -> torch.Tensor:
+    offloaded = _offloaded_weight(module, for_writing=for_writing)
     return offloaded if offloaded is not None else module.weight
 
 
 def _local_target(
-    module: nn.Module, index: tuple[int, int]
+    module: nn.Module, index: tuple[int, int], *, for_writing: bool = False
 ) -> tuple[torch.Tensor, tuple[int, int]] | None:
     """The local tensor holding ``index`` and the index into it, or ``None`` off-shard."""
-    weight = _real_weight(module)
+    weight = _real_weight(module, for_writing=for_writing)
     if not _is_dtensor(weight):
         return weight.data, index
     return _local_shard_target(weight, index)

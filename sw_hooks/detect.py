@@ -99,6 +99,25 @@ def spiking_layers(stats: Mapping[str, ChannelStats], spike_factor: float) -> li
     return [name for name, hit in zip(usable, spiking.tolist(), strict=True) if hit]
 
 
+def check_finite(stats: Mapping[str, ChannelStats]) -> None:
+    """Refuse stats holding a NaN or infinite activation, naming where it first appeared.
+
+    The recorder keeps non-finite maxima (a NaN is never overwritten), so a model that
+    overflowed anywhere in the calibration pass cannot yield a spike ranking.
+    """
+    for name, module_stats in stats.items():
+        for side in ("input", "output"):
+            maxima: ChannelMaxima | None = getattr(module_stats, side)
+            if maxima is None or bool(maxima.abs_max.isfinite().all()):
+                continue
+            channel = int((~maxima.abs_max.isfinite()).nonzero()[0, 0])
+            raise ValueError(
+                f"non-finite activation ({float(maxima.value[channel])}) in the {side} of "
+                f"{name}, channel {channel}, token {int(maxima.token[channel])}: the model "
+                "overflowed or holds NaN/inf weights; detection needs finite activations"
+            )
+
+
 def _spike_channels(maxima: ChannelMaxima, ratio: float, limit: int) -> list[int]:
     peak = maxima.abs_max.max()
     count = min(limit, int((maxima.abs_max >= ratio * peak).sum()))
@@ -126,6 +145,7 @@ def spike_candidates(
         [(1, 5, 17), (5, 9, 33)]
     """
     options = _options(options, overrides)
+    check_finite(stats)
     found = []
     for name in spiking_layers(stats, options.spike_factor):
         found += _layer_candidates(model, name, stats[name], options)

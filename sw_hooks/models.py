@@ -7,6 +7,7 @@ The embedded default is SmolLM2-135M-Instruct as shipped by the PyPI package
 from __future__ import annotations
 
 import importlib.util
+import struct
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,12 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **options, **kwargs)
     except (OSError, ValueError, KeyError) as error:
         raise ValueError(f"could not load a model from {source!r}: {_first_line(error)}") from error
+    except (struct.error, IndexError, EOFError) as error:
+        if not gguf_name:
+            raise
+        raise ValueError(
+            f"{directory / gguf_name} is a truncated or corrupt GGUF file: {_first_line(error)}"
+        ) from error
     model.eval()
     return model, tokenizer
 

@@ -89,7 +89,8 @@ def merge_channel_maxima(a: ChannelMaxima | None, b: ChannelMaxima | None) -> Ch
     if a.abs_max.shape != b.abs_max.shape:
         raise ValueError(f"cannot merge maxima of {a.channels} and {b.channels} channels")
     b = _to_device(b, a.abs_max.device)
-    b_wins = b.abs_max > a.abs_max
+    # A NaN wins and stays: a non-finite activation must not vanish from the record.
+    b_wins = (b.abs_max > a.abs_max) | (b.abs_max.isnan() & ~a.abs_max.isnan())
     return ChannelMaxima(
         *(
             torch.where(b_wins, getattr(b, f.name), getattr(a, f.name))

@@ -1,6 +1,10 @@
 """sw_hooks: find, verify and handle super weights in transformer models with PyTorch hooks."""
 
 from sw_hooks.access import WeightElement, oriented_weight
+from sw_hooks.analyzer import TransformerAnalyzer
+from sw_hooks.detect import DetectionOptions, detect, run_detection, spike_candidates
+from sw_hooks.impact import compare, impact, perplexity, table1
+from sw_hooks.known import check_against_known, known_super_weights
 from sw_hooks.locate import KNOWN_DOWN_PROJECTIONS, find_down_projections, layer_index
 from sw_hooks.masks import ablate, preserve, restore_activation, scale
 from sw_hooks.models import DEFAULT_MODEL, calibration_text, load_model, tokenize
@@ -20,6 +24,17 @@ from sw_hooks.results import DetectionResult, SuperWeight, load_super_weights, s
 __version__ = "0.1.0"
 
 __all__ = [
+    "DetectionOptions",
+    "TransformerAnalyzer",
+    "check_against_known",
+    "compare",
+    "detect",
+    "impact",
+    "known_super_weights",
+    "perplexity",
+    "run_detection",
+    "spike_candidates",
+    "table1",
     "IQRClip",
     "QuantizedModel",
     "TopFractionClip",

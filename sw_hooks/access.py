@@ -1,6 +1,10 @@
 """Read and write single weight elements through the right API.
 
 Every coordinate in this library is ``(module name, row, col)`` in ``[out, in]`` order.
+Inside a mixture-of-experts layer it also carries the expert:
+``(name, expert, row, col)``, where ``name`` is either a per-expert down-projection module
+(``...experts.3.down_proj``) or a fused 3-D parameter (``...experts.down_proj`` of shape
+``[experts, out, in]``, as transformers 5 stores experts).
 :class:`WeightElement` turns that into the stored parameter's own index (GPT-2's
 ``Conv1D`` is transposed), and reads and writes it whether the parameter is a plain
 tensor, a sharded FSDP2 ``DTensor`` (each rank touches only the shard it holds) or an
@@ -28,7 +32,7 @@ class WeightCoordinate(Protocol):
     col: int
 
 
-Coordinate = WeightCoordinate | tuple[str, int, int]
+Coordinate = WeightCoordinate | tuple[str, int, int] | tuple[str, int, int, int]
 
 
 def as_triple(coordinate: Coordinate) -> tuple[str, int, int]:
@@ -45,6 +49,36 @@ def as_triple(coordinate: Coordinate) -> tuple[str, int, int]:
         )
     if not isinstance(module, str) or not _is_int(row) or not _is_int(col):
         raise TypeError(f"a weight coordinate is (str, int, int), got {coordinate!r}")
+    return module, int(row), int(col)
+
+
+def as_expert_coordinate(coordinate: Coordinate) -> tuple[str, int | None, int, int]:
+    """``(module, expert, row, col)`` from a 3- or 4-tuple or a SuperWeight; ``expert`` may be None.
+
+    Example:
+        >>> as_expert_coordinate(("model.layers.1.mlp.experts.down_proj", 3, 5, 7))
+        ('model.layers.1.mlp.experts.down_proj', 3, 5, 7)
+        >>> as_expert_coordinate(("model.layers.1.mlp.down_proj", 5, 7))
+        ('model.layers.1.mlp.down_proj', None, 5, 7)
+    """
+    if isinstance(coordinate, tuple) and len(coordinate) == 4:
+        module, expert, row, col = coordinate
+        if not _is_int(expert):
+            raise TypeError(f"an expert coordinate is (str, int, int, int), got {coordinate!r}")
+        name, row, col = _checked_triple(module, row, col, coordinate)
+        return name, int(expert), row, col
+    expert = None if isinstance(coordinate, tuple) else getattr(coordinate, "expert", None)
+    if expert is not None and not _is_int(expert):
+        raise TypeError(f"expert must be an int or None, got {expert!r}")
+    module, row, col = as_triple(coordinate)
+    return module, expert, row, col
+
+
+def _checked_triple(
+    module: object, row: object, col: object, shown: object
+) -> tuple[str, int, int]:
+    if not isinstance(module, str) or not _is_int(row) or not _is_int(col):
+        raise TypeError(f"a weight coordinate is (str, int, int), got {shown!r}")
     return module, int(row), int(col)
 
 
@@ -66,17 +100,27 @@ def oriented_weight(module: nn.Module) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class WeightElement:
-    """One element of one module's weight, addressed in ``[out, in]`` order."""
+    """One element of one module's weight, addressed in ``[out, in]`` order.
+
+    ``expert`` is set for a weight inside a mixture-of-experts layer. With a fused 3-D
+    parameter, ``module`` is the experts module and ``parameter_name`` names the parameter
+    (``down_proj``); the element is ``parameter[expert, row, col]`` (``[expert, col, row]``
+    when the experts module says ``is_transposed``).
+    """
 
     module_name: str
     module: nn.Module
     row: int
     col: int
+    expert: int | None = None
+    parameter_name: str = "weight"
 
     @classmethod
     def resolve(cls, model: nn.Module, coordinate: Coordinate) -> WeightElement:
         """Look the coordinate up in ``model``; raise a clear error if it is not there."""
-        name, row, col = as_triple(coordinate)
+        name, expert, row, col = as_expert_coordinate(coordinate)
+        if expert is not None:
+            return _resolve_expert(cls, model, name, expert, row, col)
         try:
             module = model.get_submodule(name)
         except AttributeError:
@@ -93,14 +137,28 @@ class WeightElement:
         return cls(name, module, row, col)
 
     @property
-    def storage_index(self) -> tuple[int, int]:
+    def parameter(self) -> torch.Tensor:
+        """The stored parameter holding this element (``module.weight`` for dense weights)."""
+        return getattr(self.module, self.parameter_name)
+
+    @property
+    def is_fused_expert(self) -> bool:
+        """True for an element of a fused ``[experts, out, in]`` parameter."""
+        return self.parameter_name != "weight"
+
+    @property
+    def storage_index(self) -> tuple[int, ...]:
         """The index into the stored parameter (transposed for ``Conv1D``)."""
+        if self.is_fused_expert:
+            transposed = getattr(self.module, "is_transposed", False) is True
+            pair = (self.col, self.row) if transposed else (self.row, self.col)
+            return (self.expert, *pair)
         return (self.col, self.row) if is_transposed(self.module) else (self.row, self.col)
 
     def read(self) -> torch.Tensor | None:
         """A 0-d copy of the element in its own dtype; ``None`` on a rank that does not hold it."""
         with torch.no_grad():
-            target = _local_target(self.module, self.storage_index)
+            target = self._target()
             if target is None:
                 return None
             tensor, index = target
@@ -108,7 +166,7 @@ class WeightElement:
 
     def read_float(self) -> float:
         """The element as a Python float (gathers a sharded weight: call it on every rank)."""
-        weight = _real_weight(self.module)
+        weight = _fused_parameter(self) if self.is_fused_expert else _real_weight(self.module)
         if _is_dtensor(weight):
             return float(weight.full_tensor().detach()[self.storage_index])
         return float(weight.detach()[self.storage_index])
@@ -118,11 +176,63 @@ class WeightElement:
         if value is None:
             return
         with torch.no_grad():
-            target = _local_target(self.module, self.storage_index, for_writing=True)
+            target = self._target(for_writing=True)
             if target is None:
                 return
             tensor, index = target
             tensor[index] = value.to(device=tensor.device, dtype=tensor.dtype)
+
+    def _target(self, for_writing: bool = False) -> tuple[torch.Tensor, tuple[int, ...]] | None:
+        if not self.is_fused_expert:
+            return _local_target(self.module, self.storage_index, for_writing=for_writing)
+        parameter = _fused_parameter(self)
+        if _is_dtensor(parameter):
+            return _local_shard_target(parameter, self.storage_index)
+        return parameter.data, self.storage_index
+
+
+def _fused_parameter(element: WeightElement) -> torch.Tensor:
+    parameter = element.parameter
+    if parameter.device.type == "meta":
+        raise ValueError(
+            f"{element.module_name} is on the meta device; offloaded fused experts are not "
+            "supported: load the model with real weights"
+        )
+    return parameter
+
+
+def _resolve_expert(
+    cls: type[WeightElement], model: nn.Module, name: str, expert: int, row: int, col: int
+) -> WeightElement:
+    """An expert's weight: a per-expert module (``experts.3.down_proj``) or a fused 3-D parameter."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        module = None
+    if module is not None:
+        # A per-expert module: its name must carry the same expert index.
+        if str(expert) not in name.split("."):
+            raise ValueError(f"module {name!r} is not expert {expert}'s (no '.{expert}.' in it)")
+        element = cls.resolve(model, (name, row, col))
+        return cls(name, element.module, row, col, expert)
+    parent_name, _, parameter_name = name.rpartition(".")
+    try:
+        parent = model.get_submodule(parent_name)
+    except AttributeError:
+        raise ValueError(f"no module or parameter {name!r} in {type(model).__name__}") from None
+    parameter = getattr(parent, parameter_name, None)
+    if not isinstance(parameter, torch.Tensor) or parameter.dim() != 3:
+        raise ValueError(f"{name!r} is not a fused [experts, out, in] parameter")
+    experts, rows, cols = parameter.shape
+    if getattr(parent, "is_transposed", False) is True:
+        rows, cols = cols, rows
+    if not 0 <= expert < experts:
+        raise ValueError(f"expert {expert} is outside {name}, which holds {experts} experts")
+    if not (0 <= row < rows and 0 <= col < cols):
+        raise ValueError(
+            f"[{row}, {col}] is outside {name}[{expert}], whose [out, in] shape is [{rows}, {cols}]"
+        )
+    return cls(name, parent, row, col, expert, parameter_name)
 
 
 def _is_dtensor(tensor: torch.Tensor) -> bool:
@@ -196,8 +306,8 @@ def _local_target(
 
 
 def _local_shard_target(
-    weight: torch.Tensor, index: tuple[int, int]
-) -> tuple[torch.Tensor, tuple[int, int]] | None:
+    weight: torch.Tensor, index: tuple[int, ...]
+) -> tuple[torch.Tensor, tuple[int, ...]] | None:
     from torch.distributed.tensor import Shard
 
     local = weight.to_local()
@@ -217,4 +327,4 @@ def _local_shard_target(
         return None
     local_index = list(index)
     local_index[dim] = position - start
-    return local.data, (local_index[0], local_index[1])
+    return local.data, tuple(local_index)

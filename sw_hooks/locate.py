@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -118,10 +119,38 @@ def find_down_projections(
             for n, m in model.named_modules()
             if n and is_linear_like(m) and _matches(n, pattern)
         ]
+    experts = expert_module_names(model) if pattern is None else []
     if not found:
         where = f"matching {pattern!r}" if pattern is not None else "of a known architecture"
+        hint = " For mixture-of-experts layers use sw_hooks.moe." if experts else ""
         raise ValueError(
             f"no MLP down-projection {where} in {type(model).__name__}; "
-            f"{_describe_linear_modules(model)}. Pass pattern= to name them."
+            f"{_describe_linear_modules(model)}. Pass pattern= to name them.{hint}"
+        )
+    if experts:
+        warnings.warn(
+            f"skipping the experts of {', '.join(experts)}: dense recording does not see them; "
+            "use sw_hooks.moe (record_experts, detect_expert_weights) for those layers",
+            UserWarning,
+            stacklevel=2,
         )
     return dict(sorted(found, key=_sort_key))
+
+
+def expert_module_names(model: nn.Module) -> list[str]:
+    """Mixture-of-experts modules: a 3-D ``down_proj`` parameter, or a ``ModuleList`` ``*experts``.
+
+    Example:
+        >>> from sw_hooks.testing import tiny_model
+        >>> expert_module_names(tiny_model("llama", num_layers=1))
+        []
+    """
+    return [
+        name
+        for name, module in model.named_modules()
+        if (isinstance(module, nn.ModuleList) and name.endswith("experts"))
+        or (
+            isinstance(getattr(module, "down_proj", None), nn.Parameter)
+            and module.down_proj.dim() == 3
+        )
+    ]

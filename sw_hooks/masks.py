@@ -81,8 +81,9 @@ class WeightMask:
 
 
 def _looks_like_one_coordinate(weights: Any) -> bool:
+    # (module, row, col) or, inside a mixture-of-experts layer, (module, expert, row, col).
     return isinstance(weights, SuperWeight) or (
-        isinstance(weights, tuple) and len(weights) == 3 and isinstance(weights[0], str)
+        isinstance(weights, tuple) and len(weights) in (3, 4) and isinstance(weights[0], str)
     )
 
 
@@ -136,6 +137,12 @@ class ActivationRestorer:
             if not isinstance(weight, SuperWeight):
                 raise TypeError(
                     "restore_activation() needs SuperWeight objects (they carry the activation)"
+                )
+            if weight.expert is not None:
+                raise ValueError(
+                    f"restore_activation() cannot restore inside expert {weight.expert} of "
+                    f"{weight.module}: an expert's output is mixed with others' before any "
+                    "module returns it"
                 )
             self._targets.setdefault(weight.module, []).append(weight)
         self._modules = {name: _submodule(model, name) for name in self._targets}

@@ -8,6 +8,13 @@ from sw_hooks.known import check_against_known, known_super_weights
 from sw_hooks.locate import KNOWN_DOWN_PROJECTIONS, find_down_projections, layer_index
 from sw_hooks.masks import ablate, preserve, restore_activation, scale
 from sw_hooks.models import DEFAULT_MODEL, calibration_text, load_model, tokenize
+from sw_hooks.moe import (
+    detect_expert_weights,
+    detect_super_experts,
+    find_experts,
+    prune_experts,
+    record_experts,
+)
 from sw_hooks.quantize import (
     IQRClip,
     QuantizedModel,
@@ -64,4 +71,9 @@ __all__ = [
     "save_super_weights",
     "scale",
     "tokenize",
+    "detect_expert_weights",
+    "detect_super_experts",
+    "find_experts",
+    "prune_experts",
+    "record_experts",
 ]

@@ -689,3 +689,66 @@ def quantize_activations(
     finally:
         while handles:
             handles.pop().remove()
+
+
+# --------------------------------------------------------------------------- sweeps
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    """One quantization setting's score, with or without the super weights held out."""
+
+    bits: int
+    block_size: int
+    clip: str
+    holdout: bool
+    perplexity: float
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "bits": self.bits,
+            "block_size": self.block_size,
+            "clip": self.clip,
+            "holdout": self.holdout,
+            "perplexity": self.perplexity,
+        }
+
+
+def holdout_sweep(
+    model: nn.Module,
+    settings: Iterable[tuple[int, int, ClipConfig | str | None]],
+    holdout: Iterable[Coordinate],
+    measure: Callable[[], float],
+    *,
+    progress: Callable[[str], None] | None = None,
+) -> list[SweepRun]:
+    """Score the model quantized at each ``(bits, block_size, clip)``, without and with holdout.
+
+    The model is quantized in place for each run and restored bit for bit before the next
+    one (and after an exception). ``measure`` scores the quantized model; the sweep is
+    blind to what it measures, so callers pass perplexity on their own tokens.
+
+    Example:
+        >>> from sw_hooks.testing import tiny_model
+        >>> model = tiny_model("llama", num_layers=1)
+        >>> sw = [("model.layers.0.mlp.down_proj", 3, 5)]
+        >>> runs = holdout_sweep(model, [(4, 64, "zscore:6")], sw, lambda: 1.0)
+        >>> [(r.block_size, r.holdout) for r in runs]
+        [(64, False), (64, True)]
+    """
+    weights = list(holdout)
+    runs = []
+    for bits, block_size, clip in settings:
+        clip = parse_clip(clip)
+        for held in (False, True):
+            with quantize_model(
+                model, bits, block_size, clip=clip, holdout=weights if held else None
+            ):
+                value = measure()
+            run = SweepRun(bits, block_size, str(clip or "none"), held, value)
+            if progress:
+                progress(
+                    f"{bits} bits, block {block_size}, clip {run.clip}, holdout {held}: {value:.2f}"
+                )
+            runs.append(run)
+    return runs

@@ -147,7 +147,7 @@ def _table(baseline: float, runs: list[dict[str, Any]]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from sw_hooks.impact import perplexity
-    from sw_hooks.quantize import quantize_model, resolve_holdout
+    from sw_hooks.quantize import holdout_sweep, resolve_holdout
 
     settings = _settings(args)
     holdout_given = _parse_holdout(args.holdout) if args.holdout else None
@@ -161,21 +161,15 @@ def run(args: argparse.Namespace) -> int:
     progress(f"holding out: {_describe(weights)}", quiet=args.quiet)
     with step("baseline perplexity", quiet=args.quiet):
         baseline = perplexity(model, ids)
-    runs = []
-    for (bits, size, clip), held in itertools.product(settings, (False, True)):
-        label = f"{bits} bits, block {size}, clip {clip or 'none'}, holdout {held}"
-        with step(label, quiet=args.quiet):
-            with quantize_model(model, bits, size, clip=clip, holdout=weights if held else None):
-                value = perplexity(model, ids)
-        runs.append(
-            {
-                "bits": bits,
-                "block_size": size,
-                "clip": str(clip or "none"),
-                "holdout": held,
-                "perplexity": value,
-            }
+    with step(f"quantization sweep: {2 * len(settings)} runs", quiet=args.quiet):
+        sweep = holdout_sweep(
+            model,
+            settings,
+            weights,
+            lambda: perplexity(model, ids),
+            progress=lambda line: progress(line, quiet=args.quiet),
         )
+    runs = [run.to_dict() for run in sweep]
     print(f"model: {name}; {ids.shape[1]} tokens; held out: {_describe(weights)}")
     print(_table(baseline, runs))
     if args.json is not None:

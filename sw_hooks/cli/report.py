@@ -1,0 +1,108 @@
+"""``sw-hooks report``: detection, impact and a small quantization sweep, as a report with figures."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from sw_hooks.cli._common import (
+    CliError,
+    add_model_arguments,
+    load_model_for_cli,
+    progress,
+    read_text,
+    step,
+    token_ids,
+)
+
+REPORT_TOKENS = 512
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "report",
+        help="write a report with figures: spikes, residual stream, weights, impact, quantization",
+        description=(
+            "Detect and verify the super weights, measure the paper's Table 1 and a small "
+            "quantization sweep, and write DIR/report.md with the figures as PNGs beside it "
+            "and DIR/report.json with every number shown."
+        ),
+    )
+    add_model_arguments(parser)
+    parser.set_defaults(max_tokens=REPORT_TOKENS)
+    parser.add_argument("--out", type=Path, required=True, help="folder to write the report into")
+    parser.add_argument(
+        "--block-size",
+        type=int,
+        action="append",
+        default=None,
+        help="quantization block size (repeatable; default: 128, 1024, 4096)",
+    )
+    parser.add_argument("--bits", type=int, default=4, help="quantization bits (default: 4)")
+    parser.add_argument(
+        "--clip", default="zscore:6", help="quantization clipping (default: zscore:6)"
+    )
+    parser.add_argument(
+        "--history",
+        type=Path,
+        default=None,
+        help="a CSVLogger metrics.csv from SuperWeightMonitor to plot over training steps",
+    )
+    parser.set_defaults(func=run)
+
+
+def _options(args: argparse.Namespace):  # -> ReportOptions (imported lazily)
+    from sw_hooks.quantize import check_bits, parse_clip
+    from sw_hooks.report import ReportOptions
+
+    try:
+        check_bits(args.bits)
+        parse_clip(args.clip)
+        sizes = tuple(args.block_size or ReportOptions.block_sizes)
+        if any(size <= 0 for size in sizes):
+            raise ValueError(f"--block-size must be positive, got {list(sizes)}")
+        return ReportOptions(bits=(args.bits,), block_sizes=sizes, clip=args.clip)
+    except ValueError as error:
+        raise CliError(str(error)) from None
+
+
+def _history(path: Path | None) -> list[dict[str, float]]:
+    if path is None:
+        return []
+    from sw_hooks.plots import read_history
+
+    try:
+        return read_history(path)
+    except (OSError, ValueError) as error:
+        raise CliError(f"cannot read --history {path}: {error}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from sw_hooks.report import collect_report, write_report
+
+    options = _options(args)
+    if args.out.exists() and not args.out.is_dir():
+        raise CliError(f"--out {args.out} exists and is not a folder")
+    history = _history(args.history)
+    text = read_text(args.text)
+    model, tokenizer, name = load_model_for_cli(args)
+    ids = token_ids(tokenizer, text, args.max_tokens)
+    try:
+        data = collect_report(
+            model,
+            tokenizer,
+            ids,
+            model_name=name,
+            options=options,
+            progress=lambda line: progress(line, quiet=args.quiet),
+        )
+    except ValueError as error:
+        raise CliError(str(error).splitlines()[0]) from None
+    data.history = history
+    with step("writing figures", quiet=args.quiet):
+        try:
+            path = write_report(data, args.out)
+        except ValueError as error:
+            raise CliError(str(error)) from None
+    print(path)
+    return 0

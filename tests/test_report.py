@@ -1,0 +1,135 @@
+"""The report on a tiny planted model: through the API and through ``sw-hooks report``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sw_hooks.cli import main
+from sw_hooks.report import ReportData, ReportOptions, collect_report, write_report
+from sw_hooks.testing import planted_llama
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PLANTED = ("model.layers.1.mlp.down_proj", 5, 17)
+OPTIONS = ReportOptions(prompt_tokens=8, block_sizes=(64, 1024), radius=4)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> tuple[ReportData, Path, list[str]]:
+    torch.manual_seed(0)
+    planted = planted_llama()
+    lines: list[str] = []
+    data = collect_report(
+        planted.model, None, planted.calibration_ids(128), options=OPTIONS, progress=lines.append
+    )
+    out = tmp_path_factory.mktemp("report")
+    write_report(data, out)
+    return data, out, lines
+
+
+def test_report_finds_and_shows_the_planted_weight(report) -> None:
+    data, out, _ = report
+    verified = [w for w in data.detection["super_weights"] if w["verdict"] == "super"]
+    assert [(w["module"], w["row"], w["col"]) for w in verified] == [PLANTED]
+    assert data.traces[0]["original"]["channel"] == 5
+    assert data.patches[0]["row"] == 5 and data.patches[0]["col"] == 17
+    assert data.impact[1]["condition"] == "super weights pruned"
+    assert data.impact[1]["ratio"] > 2.0
+    assert {(r["block_size"], r["holdout"]) for r in data.quantization["runs"]} == {
+        (64, False),
+        (64, True),
+        (1024, False),
+        (1024, True),
+    }
+
+
+def test_report_files_are_written_and_json_holds_every_number(report) -> None:
+    data, out, _ = report
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["impact.png", "quantization.png", "residual.png", "spikes.png", "weights.png"]
+    for png in out.glob("*.png"):
+        assert png.read_bytes()[:8] == PNG_MAGIC and 5_000 < png.stat().st_size < 300_000
+    markdown = (out / "report.md").read_text()
+    for name in pngs:
+        assert f"]({name})" in markdown
+    assert f"{data.impact[1]['perplexity']:.2f}" in markdown  # the table shows the JSON's number
+    saved = json.loads((out / "report.json").read_text())
+    assert ReportData.from_dict(saved).impact == data.impact
+    assert saved["options"]["block_sizes"] == [64, 1024]
+
+
+def test_report_shows_progress_per_stage(report) -> None:
+    _, _, lines = report
+    for stage in ("detection", "residual-stream traces", "impact (Table 1)", "quantization sweep"):
+        assert f"{stage} ..." in lines
+        assert any(line.startswith(f"{stage}: done in") for line in lines)
+
+
+def test_report_json_errors_are_clear() -> None:
+    with pytest.raises(ValueError, match="schema_version"):
+        ReportData.from_dict({"model": "x"})
+    with pytest.raises(ValueError, match="lacks"):
+        ReportData.from_dict({"schema_version": 1, "model": "x"})
+    with pytest.raises(ValueError, match="at least one"):
+        ReportOptions(block_sizes=())
+
+
+class CharTokenizer:
+    """One token per character (code point mod 256): enough for the CLI on a tiny model."""
+
+    bos_token_id = 0
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        return {"input_ids": [ord(c) % 256 for c in text]}
+
+
+def test_cli_report_writes_the_report(tmp_path, monkeypatch, capsys) -> None:
+    planted = planted_llama()
+    monkeypatch.setattr(
+        "sw_hooks.models.load_model", lambda *a, **k: (planted.model, CharTokenizer())
+    )
+    text = tmp_path / "text.txt"
+    # chr(1) is the planted trigger, chr(2) its target; the rest is filler
+    text.write_text("".join(f"\x01\x02{chr(40 + i % 60)}{chr(100 + i % 90)}" for i in range(40)))
+    out = tmp_path / "out"
+    argv = ["report", "--text", str(text), "--out", str(out), "--max-tokens", "96"]
+    assert main([*argv, "--block-size", "64", "--quiet"]) == 0
+    assert capsys.readouterr().out.strip() == str(out / "report.md")
+    data = json.loads((out / "report.json").read_text())
+    assert data["tokens"] == 96
+    verified = [w for w in data["detection"]["super_weights"] if w["verdict"] == "super"]
+    assert [(w["module"], w["row"], w["col"]) for w in verified] == [PLANTED]
+    assert (out / "spikes.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_cli_report_bad_input_exits_2(tmp_path, capsys) -> None:
+    assert main(["report", "--out", str(tmp_path), "--bits", "9", "--quiet"]) == 2
+    assert "bits must be an integer from 2 to 8" in capsys.readouterr().err
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    assert main(["report", "--out", str(afile), "--quiet"]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    missing = tmp_path / "missing.csv"
+    assert main(["report", "--out", str(tmp_path), "--history", str(missing), "--quiet"]) == 2
+    assert "no such metrics file" in capsys.readouterr().err
+
+
+def test_holdout_sweep_keeps_held_weights_exact_and_restores_the_model() -> None:
+    from sw_hooks.quantize import holdout_sweep
+
+    planted = planted_llama()
+    weight = planted.model.model.layers[1].mlp.down_proj.weight
+    before = {k: v.clone() for k, v in planted.model.state_dict().items()}
+    seen: list[float] = []
+    runs = holdout_sweep(
+        planted.model,
+        [(3, 64, "zscore:1")],
+        [PLANTED],
+        lambda: seen.append(weight[5, 17].item()) or 1.0,
+    )
+    assert [(r.holdout, r.clip) for r in runs] == [(False, "zscore:1"), (True, "zscore:1")]
+    assert seen[0] != 8.0 and seen[1] == 8.0  # clipped without holdout, exact with it
+    assert all(torch.equal(v, planted.model.state_dict()[k]) for k, v in before.items())

@@ -109,3 +109,19 @@ def test_hooks_added_after_compiling_need_a_reset():
         compiled(x)
     assert {s.calls for s in after_reset.stats.values()} == {1}
     assert _hooks(net) == 0
+
+
+def test_recording_does_not_recompile_on_every_call() -> None:
+    import torch._dynamo.utils as dynamo_utils
+
+    torch.compiler.reset()
+    net, x = _net(0), torch.randn(2, 5, 16)
+    compiled = torch.compile(net, backend="aot_eager")
+    with record(net) as rec, torch.no_grad():
+        compiled(x)
+        compiled(x)
+        graphs = dynamo_utils.counters["stats"]["unique_graphs"]
+        for _ in range(6):
+            compiled(x)
+        assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs
+    assert rec.stats["layers.1.mlp.down_proj"].calls == 8

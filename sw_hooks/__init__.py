@@ -18,8 +18,10 @@ from sw_hooks.moe import (
 from sw_hooks.quantize import (
     IQRClip,
     QuantizedModel,
+    SweepRun,
     TopFractionClip,
     ZScoreClip,
+    holdout_sweep,
     parse_clip,
     quantize_activations,
     quantize_model,
@@ -27,6 +29,13 @@ from sw_hooks.quantize import (
 )
 from sw_hooks.record import ChannelMaxima, ChannelStats, Recorder, record
 from sw_hooks.results import DetectionResult, SuperWeight, load_super_weights, save_super_weights
+from sw_hooks.trace import (
+    ResidualTrace,
+    WeightPatch,
+    residual_trace,
+    super_activation_trace,
+    weight_patch,
+)
 
 __version__ = "0.1.0"
 
@@ -76,4 +85,11 @@ __all__ = [
     "find_experts",
     "prune_experts",
     "record_experts",
+    "ResidualTrace",
+    "WeightPatch",
+    "residual_trace",
+    "super_activation_trace",
+    "weight_patch",
+    "SweepRun",
+    "holdout_sweep",
 ]

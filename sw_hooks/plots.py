@@ -184,14 +184,15 @@ def activation_spikes(
             )
             colour = SUPER_COLOUR if is_super else OTHER_COLOUR
             _mark(figure, axes, mark, colour=colour, filled=is_super)
-            axes.annotate(
-                f"layer {weight.layer}\n{channel_of} {channel}",
-                (mark.x, mark.y),
-                xytext=(8, -4 if is_super else -22),
-                textcoords="offset points",
-                fontsize=8,
-                color=colour,
-            )
+            if is_super:  # candidates stay unlabelled: a late layer can hold several
+                axes.annotate(
+                    f"layer {weight.layer}\n{channel_of} {channel}",
+                    (mark.x, mark.y),
+                    xytext=(8, -4),
+                    textcoords="offset points",
+                    fontsize=8,
+                    color=colour,
+                )
     return figure
 
 
@@ -321,7 +322,9 @@ def weight_heatmaps(patches: Iterable[WeightPatch | Mapping[str, Any]]) -> Figur
             magnitudes.ravel(), (patch.row - patch.first_row) * cols + patch.col - patch.first_col
         )
         typical = float(np.median(others)) if others.size else 0.0
-        ratio = f", {abs(patch.centre) / typical:.0f}x the median |w|" if typical > 0 else ""
+        ratio = (
+            f"\n{abs(patch.centre) / typical:.0f}x the window's median |w|" if typical > 0 else ""
+        )
         axes.set_title(
             f"layer {_layer_of(patch.module)} [{patch.row}, {patch.col}] = {patch.centre:.3g}{ratio}",
             fontsize=9,
@@ -430,6 +433,9 @@ def quantization_sweep(
             float(baseline), linestyle=":", color="black", label=f"unquantized {baseline:.2f}"
         )
     axes.set_xscale("log", base=2)
+    sizes = sorted({int(r["block_size"]) for r in table})
+    axes.set_xticks(sizes, [str(size) for size in sizes])
+    axes.minorticks_off()
     axes.set_yscale("log")
     axes.set_xlabel("block size (weights per block)")
     axes.set_ylabel("perplexity")

@@ -379,9 +379,13 @@ def _weights_table(result: DetectionResult) -> list[str]:
 def _trace_table(data: ReportData) -> list[str]:
     first = data.traces[0]
     original, ablated = first["original"], first["ablated"]
+    layer = first["super_weight"]["layer"]
+    at = original["layers"].index(layer) if layer in original["layers"] else 0
     return [
-        f"Channel {original['channel']} at token {original['token']} after the last layer: "
-        f"{original['magnitudes'][-1]:.1f} as is, {ablated['magnitudes'][-1]:.2f} with the super weight zeroed.",
+        f"Channel {original['channel']} at token {original['token']}: after layer "
+        f"{original['layers'][at]} {original['magnitudes'][at]:.1f} as is, "
+        f"{ablated['magnitudes'][at]:.1f} with the super weight zeroed; after the last layer "
+        f"{original['magnitudes'][-1]:.1f} and {ablated['magnitudes'][-1]:.1f}.",
         "",
     ]
 

@@ -155,3 +155,29 @@ def test_bad_input_is_one_clear_error() -> None:
         plots.weight_heatmaps([])
     with pytest.raises(ValueError, match="one magnitude per layer"):
         plots.residual_stream({"channel": 1, "token": 0, "layers": [0, 1], "magnitudes": [1.0]})
+
+
+def imported_modules(path: Path, top_level_only: bool) -> set[str]:
+    import ast
+
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    names = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_matplotlib_is_imported_lazily_and_the_core_never_imports_plots() -> None:
+    package = Path(plots.__file__).parent
+    for outside in ("plots.py", "report.py", "cli/report.py", "trace.py"):
+        top = imported_modules(package / outside, top_level_only=True)
+        assert not any(name.startswith("matplotlib") for name in top), outside
+    for core in package.glob("*.py"):
+        if core.name in ("plots.py", "report.py"):
+            continue
+        used = imported_modules(core, top_level_only=False)
+        assert not used & {"sw_hooks.plots", "sw_hooks.report"}, core.name

@@ -65,7 +65,8 @@ class WeightGuard:
             raise ValueError(f"guard mode must be one of {GUARD_MODES}, got {mode!r}")
         self.mode = mode
         self._model = model
-        self._elements = [WeightElement.resolve(model, w) for w in weights]
+        self._weights = list(weights)
+        self._elements = [WeightElement.resolve(model, w) for w in self._weights]
         self._saved: WeightMask | None = None
         self._handles: list[RemovableHandle] = []
 
@@ -83,7 +84,7 @@ class WeightGuard:
         for optimizer in optimizers:
             self.check(optimizer)
         if self.mode == "restore" and self._saved is None:
-            self._saved = preserve(self._model, self.coordinates).apply()
+            self._saved = preserve(self._model, self._weights).apply()
         for optimizer in optimizers:
             if self.mode == "restore":
                 self._handles.append(
@@ -99,7 +100,7 @@ class WeightGuard:
         """Raise ``ValueError`` if ``freeze`` cannot hold against this optimizer."""
         if self.mode != "freeze":
             return
-        guarded = {id(e.module.weight): e.module_name for e in self._elements}
+        guarded = {id(e.parameter): e.module_name for e in self._elements}
         for number, group in enumerate(optimizer.param_groups):
             decay = group.get("weight_decay", 0.0) or 0.0
             held = [guarded[id(p)] for p in group["params"] if id(p) in guarded]
@@ -130,7 +131,7 @@ class WeightGuard:
     def mask_gradients(self, optimizer: Optimizer) -> None:
         """Zero the guarded elements of the gradients and of ``optimizer``'s per-element state."""
         for element in self._elements:
-            parameter = element.module.weight
+            parameter = element.parameter  # a fused 3-D expert parameter too
             if parameter.grad is not None:
                 zero_element(parameter.grad, element.storage_index)
             for state in _element_states(optimizer, parameter):

@@ -25,7 +25,14 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from sw_hooks.access import Coordinate, WeightElement, as_triple, oriented_shape, oriented_weight
+from sw_hooks.access import (
+    Coordinate,
+    WeightElement,
+    as_expert_coordinate,
+    as_triple,
+    oriented_shape,
+    oriented_weight,
+)
 from sw_hooks.locate import is_linear_like, layer_index
 
 MIN_BITS = 2
@@ -516,6 +523,11 @@ def resolve_holdout(
         holdout = holdout.super_weights
     grouped: dict[str, list[tuple[int, int]]] = {}
     for coordinate in holdout:
+        if as_expert_coordinate(coordinate)[1] is not None:
+            raise ValueError(
+                f"{coordinate!r} is inside a fused expert parameter, which quantize_model does "
+                "not quantize (it quantizes 2-D linear weights); leave it out of the holdout"
+            )
         element = WeightElement.resolve(model, as_triple(coordinate))
         grouped.setdefault(element.module_name, []).append((element.row, element.col))
     return grouped

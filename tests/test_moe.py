@@ -248,3 +248,37 @@ def test_expert_weights_round_trip_json(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert WeightElement.resolve(planted_moe("mixtral", num_layers=3).model, weight).expert == 3
+
+
+@pytest.mark.parametrize("mode", ["restore", "freeze"])
+def test_guard_holds_a_fused_expert_weight_through_adamw(mode):
+    from sw_hooks.guard import WeightGuard
+
+    planted = planted_moe("mixtral")
+    model = planted.model
+    model.train()
+    weight = next(p for p in planted.planted if getattr(p, "expert", None) is not None)
+    coordinate = (weight.module, weight.expert, weight.row, weight.col)
+    element = WeightElement.resolve(model, coordinate)
+    before = element.parameter.detach().clone()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.0)
+    ids = torch.randint(16, 256, (2, 16))
+    with WeightGuard(model, [coordinate], mode=mode).attach(optimizer):
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(ids, labels=ids).loss.backward()
+            optimizer.step()
+    after = element.parameter.detach()
+    assert after[element.storage_index] == before[element.storage_index]
+    assert not torch.equal(after, before)  # its neighbours moved
+
+
+def test_quantize_refuses_expert_holdout_clearly():
+    from sw_hooks.quantize import quantize_model
+
+    planted = planted_moe("mixtral")
+    weight = next(p for p in planted.planted if getattr(p, "expert", None) is not None)
+    with pytest.raises(ValueError, match="fused expert"):
+        quantize_model(
+            planted.model, 4, 64, holdout=[(weight.module, weight.expert, weight.row, weight.col)]
+        )

@@ -35,7 +35,7 @@ class ReportOptions:
     Attributes:
         prompt_tokens: tokens recorded for detection (the start of the text).
         bits, block_sizes, clip: the quantization sweep (each setting runs with and
-            without the super weights held out).
+            without the super weights held out); no block sizes: no sweep.
         radius: the weight heat map shows ``2 * radius + 1`` rows and columns.
         window, stride: perplexity windows.
         max_traced: at most this many super weights get a residual-stream trace and a heat map.
@@ -53,8 +53,8 @@ class ReportOptions:
     def __post_init__(self) -> None:
         if self.prompt_tokens < 2 or self.radius < 0 or self.max_traced < 1:
             raise ValueError("prompt_tokens >= 2, radius >= 0 and max_traced >= 1 are required")
-        if not self.bits or not self.block_sizes:
-            raise ValueError("the quantization sweep needs at least one bits and one block size")
+        if not self.bits:
+            raise ValueError("the quantization sweep needs at least one bits value")
 
 
 @dataclass
@@ -188,9 +188,10 @@ def collect_report(
         data.impact = timer.run(
             "impact (Table 1)", lambda: _impact(model, tokenizer, ids, result, options, progress)
         )
-    data.quantization = timer.run(
-        "quantization sweep", lambda: _sweep(model, ids, shown, options, progress)
-    )
+    if options.block_sizes:
+        data.quantization = timer.run(
+            "quantization sweep", lambda: _sweep(model, ids, shown, options, progress)
+        )
     data.timings = timer.timings
     return data
 

@@ -74,7 +74,7 @@ def test_report_json_errors_are_clear() -> None:
     with pytest.raises(ValueError, match="lacks"):
         ReportData.from_dict({"schema_version": 1, "model": "x"})
     with pytest.raises(ValueError, match="at least one"):
-        ReportOptions(block_sizes=())
+        ReportOptions(bits=())
 
 
 class CharTokenizer:

@@ -187,3 +187,19 @@ def test_bad_input_is_named():
         )
     with pytest.raises(ValueError, match="meta device"):
         record(meta)
+
+
+def test_without_locations_same_maxima_and_signs_cheaper_path(planted):
+    ids = planted.calibration_ids(64)
+    with (
+        torch.no_grad(),
+        record(planted.model) as full,
+        record(planted.model, locations=False) as light,
+    ):
+        planted.model(ids)
+        planted.model(ids[:, :32])
+    for name, stats in full.stats.items():
+        for side in ("input", "output"):
+            a, b = getattr(stats, side), getattr(light.stats[name], side)
+            assert torch.equal(a.abs_max, b.abs_max) and torch.equal(a.value, b.value)
+            assert (b.token == -1).all() and (b.batch == -1).all()

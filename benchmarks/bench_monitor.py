@@ -41,9 +41,9 @@ def step(model, optimizer, ids) -> None:
 
 
 def monitored_step(
-    model, optimizer, ids, metric: ChannelMax, tracker: SpikeTracker, n: int
+    model, optimizer, ids, metric: ChannelMax, tracker: SpikeTracker, n: int, locations: bool = True
 ) -> None:
-    with record(model) as recorder:
+    with record(model, locations=locations) as recorder:
         step(model, optimizer, ids)
     metric.update(recorder.stats)
     stats = metric.compute_stats()
@@ -68,7 +68,7 @@ def main() -> None:
     ids = torch.randint(0, vocab, (args.batch, args.tokens))
     step(model, optimizer, ids)  # warm-up
     monitored_step(model, optimizer, ids, metric, tracker, 0)
-    plain, monitored = [], []
+    plain, monitored, light = [], [], []
     for n in range(args.steps):
         start = time.perf_counter()
         step(model, optimizer, ids)
@@ -76,7 +76,11 @@ def main() -> None:
         start = time.perf_counter()
         monitored_step(model, optimizer, ids, metric, tracker, n + 1)
         monitored.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        monitored_step(model, optimizer, ids, metric, tracker, n + 1, locations=False)
+        light.append(time.perf_counter() - start)
     ratios = [m / p for m, p in zip(monitored, plain, strict=True)]
+    light_ratios = [m / p for m, p in zip(light, plain, strict=True)]
     result = {
         "model": args.model,
         "batch": args.batch,
@@ -86,12 +90,16 @@ def main() -> None:
         "monitored_step_s_median": statistics.median(monitored),
         "overhead_ratio_median": statistics.median(ratios),
         "overhead_of_medians": statistics.median(monitored) / statistics.median(plain) - 1,
+        "no_locations_step_s_median": statistics.median(light),
+        "no_locations_ratio_median": statistics.median(light_ratios),
         "torch_threads": torch.get_num_threads(),
     }
     print(f"{'':<28}{'median s':>10}")
     print(f"{'plain AdamW step':<28}{result['plain_step_s_median']:>10.4f}")
     print(f"{'monitored step (every step)':<28}{result['monitored_step_s_median']:>10.4f}")
     print(f"{'per-pair ratio, median':<28}{result['overhead_ratio_median']:>10.4f}")
+    print(f"{'monitored, no locations':<28}{result['no_locations_step_s_median']:>10.4f}")
+    print(f"{'per-pair ratio, median':<28}{result['no_locations_ratio_median']:>10.4f}")
     print(f"{'overhead of medians':<28}{result['overhead_of_medians']:>+10.2%}")
     out = Path(__file__).parent / "results" / "monitor.json"
     out.parent.mkdir(exist_ok=True)

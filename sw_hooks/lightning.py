@@ -115,6 +115,9 @@ class SuperWeightMonitor(Callback):
         prefix: the first component of every logged name.
         require_logger: refuse a trainer without loggers (``False`` keeps only warnings
             and state).
+        record_locations: keep the token position of each maximum. ``False`` records
+            magnitudes only (positions -1): measured 1.2% instead of 3.2% of a SmolLM2
+            training step when recording every step.
 
     Example:
         >>> monitor = SuperWeightMonitor(every_n_steps=10)  # doctest: +SKIP
@@ -134,6 +137,7 @@ class SuperWeightMonitor(Callback):
         spike_options: dict[str, Any] | None = None,
         prefix: str = "sw",
         require_logger: bool = True,
+        record_locations: bool = True,
     ) -> None:
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise MisconfigurationException(
@@ -144,6 +148,8 @@ class SuperWeightMonitor(Callback):
         self.pattern = pattern
         self.prefix = prefix
         self.require_logger = require_logger
+        # False: magnitudes only, about a third of the recording cost (token positions -1).
+        self.record_locations = record_locations
         self.tracker = SpikeTracker(
             super_weights,
             collapse_factor=collapse_factor,
@@ -234,7 +240,7 @@ class SuperWeightMonitor(Callback):
     # -- the work ------------------------------------------------------------------------
     def _start(self, pl_module: pl.LightningModule, step: int) -> None:
         if self._recorder is None:
-            self._recorder = record(pl_module, self._modules)
+            self._recorder = record(pl_module, self._modules, locations=self.record_locations)
             self._step = step
 
     def _stop(self) -> dict[str, ChannelStats]:

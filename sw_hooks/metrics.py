@@ -171,8 +171,8 @@ class ChannelMax(Metric):
 
     def _maxima(self, side: str, index: int) -> ChannelMaxima | None:
         where = getattr(self, f"{side}_where_{index}")
-        if bool((where[2] < 0).all()):
-            return None  # this side was never recorded
+        if bool((where[0] < 0).all()):
+            return None  # this side was never recorded (|x| is never negative once it is)
         located = where_to_maxima(where)
         abs_max = getattr(self, f"{side}_abs_max_{index}").float()
         return ChannelMaxima(abs_max, located.value, located.token, located.batch)

@@ -339,3 +339,13 @@ def test_ablation_restores_on_error(tmp_path) -> None:
     with pytest.raises(RuntimeError, match="boom"):
         trainer(tmp_path, [ablation]).validate(module, batches(4), verbose=False)
     assert float(weight(module, SUPER)) == 8.0
+
+
+def test_monitor_without_locations_still_flags_the_planted_weight(tmp_path) -> None:
+    monitor = SuperWeightMonitor(every_n_steps=2, record_locations=False)
+    trainer(tmp_path, [monitor]).fit(CausalLM(planted_llama().model), batches(), batches(4))
+    assert [(e.kind, e.module, e.row, e.col) for e in monitor.events] == [
+        ("found", *SUPER),
+        ("found", *DECOY),
+    ]
+    assert all(bool((s.output.token == -1).all()) for s in monitor.last_stats.values())

@@ -62,12 +62,30 @@ def _excluded_by_module(exclude: Iterable[Coordinate]) -> dict[str, list[tuple[i
 
 
 @torch.no_grad()
-def _abs_weight(module: nn.Module, excluded: Sequence[tuple[int, int]]) -> torch.Tensor:
-    magnitude = oriented_weight(module).detach().abs().float()
-    if excluded:
-        rows, cols = zip(*excluded, strict=True)
-        magnitude[list(rows), list(cols)] = -1.0
-    return magnitude
+def top_magnitudes(
+    weight: torch.Tensor, k: int, excluded: Sequence[tuple[int, int]] = ()
+) -> list[tuple[int, int]]:
+    """``(row, col)`` of the ``k`` largest ``|w|`` of a 2-D weight, skipping ``excluded``.
+
+    Never sorts the matrix: the k largest elements lie in the ``k + len(excluded)`` rows
+    with the largest row maxima (each row ranked above an element's own row holds a
+    larger element), so one pass of row maxima narrows ``topk`` to a few rows.
+
+    Example:
+        >>> top_magnitudes(torch.tensor([[1.0, -9.0], [3.0, 4.0]]), 2)
+        [(0, 1), (1, 1)]
+    """
+    weight = weight.detach()
+    row_peak = torch.maximum(weight.amax(1), -weight.amin(1)).float()
+    rows = row_peak.topk(min(weight.shape[0], k + len(excluded))).indices
+    block = weight[rows].abs().float()
+    position = {int(r): i for i, r in enumerate(rows)}
+    for row, col in excluded:
+        if row in position:
+            block[position[row], col] = -1.0
+    top = block.flatten().topk(min(k, block.numel())).indices
+    columns = weight.shape[1]
+    return [(int(rows[int(i) // columns]), int(i) % columns) for i in top]
 
 
 def largest_weights(
@@ -86,10 +104,8 @@ def largest_weights(
     excluded = _excluded_by_module(exclude)
     found = []
     for name, module in (modules or decoder_linears(model)).items():
-        magnitude = _abs_weight(module, excluded.get(name, ()))
-        top = magnitude.flatten().topk(min(count_per_matrix, magnitude.numel())).indices
-        in_features = magnitude.shape[1]
-        found += [(name, int(i) // in_features, int(i) % in_features) for i in top]
+        top = top_magnitudes(oriented_weight(module), count_per_matrix, excluded.get(name, ()))
+        found += [(name, row, col) for row, col in top]
     return found
 
 
@@ -121,15 +137,10 @@ def find_by_magnitude(
     found = []
     for name, module in modules_of_type(model, weight_type, layers).items():
         weight = oriented_weight(module).detach()
-        magnitude = weight.abs().float().flatten()
         if criterion == "percentage":
-            k = max(1, int(magnitude.numel() * threshold / 100))
-            indices = magnitude.topk(k).indices
+            k = max(1, int(weight.numel() * threshold / 100))
+            coordinates = top_magnitudes(weight, k)
         else:
-            indices = torch.nonzero(magnitude >= threshold).flatten()
-        in_features = weight.shape[1]
-        found += [
-            (name, int(i) // in_features, int(i) % in_features, float(weight.flatten()[i]))
-            for i in indices
-        ]
+            coordinates = [tuple(c) for c in torch.nonzero(weight.abs() >= threshold).tolist()]
+        found += [(name, row, col, float(weight[row, col])) for row, col in coordinates]
     return found

@@ -72,3 +72,18 @@ def test_find_by_magnitude_percentage_and_absolute_on_conv1d():
 def test_find_by_magnitude_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         find_by_magnitude(tiny_model("llama", num_layers=1), **kwargs)
+
+
+def test_top_magnitudes_equals_a_full_sort_with_exclusions():
+    from sw_hooks.magnitude import top_magnitudes
+
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(40, 30, generator=generator)
+    weight[7, :] = 5.0 + torch.arange(30) / 100  # one row holding many of the largest
+    excluded = [(7, 29), (7, 28)]
+    masked = weight.abs().clone()
+    for row, col in excluded:
+        masked[row, col] = -1
+    reference = masked.flatten().topk(12).indices
+    expected = [(int(i) // 30, int(i) % 30) for i in reference]
+    assert top_magnitudes(weight, 12, excluded) == expected

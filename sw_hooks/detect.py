@@ -284,14 +284,54 @@ def run_detection(
     """
     options = _options(options, overrides)
     candidates, passes = find_candidates(model, inputs, options, progress=progress)
-    candidates.sort(key=lambda c: (c.layer if c.layer is not None else -1, c.row, c.col))
+    return finish_detection(
+        model,
+        candidates,
+        passes,
+        inputs,
+        calibration=calibration,
+        verify_impact=verify_impact,
+        options=options,
+        model_name=model_name,
+        prepend_bos=prepend_bos,
+        progress=progress,
+    )
+
+
+def finish_detection(
+    model: nn.Module,
+    candidates: Sequence[SuperWeight],
+    passes: int,
+    inputs: torch.Tensor | Mapping[str, torch.Tensor],
+    *,
+    calibration: torch.Tensor | None,
+    verify_impact: bool,
+    options: DetectionOptions,
+    model_name: str | None,
+    prepend_bos: bool = False,
+    progress: Progress | None = None,
+) -> DetectionResult:
+    """Order the candidates, verify them (unless told not to) and package the result.
+
+    Shared by dense and mixture-of-experts detection, which differ only in how they find
+    candidates.
+    """
+    ordered = sorted(
+        candidates,
+        key=lambda c: (
+            c.layer if c.layer is not None else -1,
+            c.expert if c.expert is not None else -1,
+            c.row,
+            c.col,
+        ),
+    )
     baseline = joint = None
     if verify_impact:
         ids = calibration if calibration is not None else _ids_of(inputs)
-        candidates, baseline, joint = verify(model, candidates, ids, options, progress=progress)
+        ordered, baseline, joint = verify(model, ordered, ids, options, progress=progress)
     return DetectionResult(
         model_name or type(model).__name__,
-        tuple(candidates),
+        tuple(ordered),
         baseline,
         joint,
         prepend_bos,

@@ -44,7 +44,14 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from sw_hooks.access import WeightElement
-from sw_hooks.detect import DetectionOptions, _spike_channels, spiking_layers, verify
+from sw_hooks.detect import (
+    DetectionOptions,
+    _ids_of,
+    _options,
+    _spike_channels,
+    finish_detection,
+    spiking_layers,
+)
 from sw_hooks.impact import perplexity
 from sw_hooks.locate import layer_index
 from sw_hooks.masks import ablate
@@ -600,27 +607,19 @@ def detect_expert_weights(
         >>> [(w.layer, w.expert, w.row, w.col, w.verdict) for w in result.super_weights]
         [(1, 3, 5, 17, 'super')]
     """
-    base = options or DetectionOptions()
-    options = DetectionOptions(**{**asdict(base), **overrides}) if overrides else base
+    options = _options(options, overrides)
     candidates, passes = find_expert_candidates(model, inputs, options, progress=progress)
-    candidates.sort(key=lambda c: (c.layer if c.layer is not None else -1, c.expert, c.row, c.col))
-    baseline = joint = None
-    if verify_impact:
-        ids = calibration if calibration is not None else _ids_of(inputs)
-        candidates, baseline, joint = verify(model, candidates, ids, options, progress=progress)
-    return DetectionResult(
-        model_name or type(model).__name__,
-        tuple(candidates),
-        baseline,
-        joint,
-        False,
+    return finish_detection(
+        model,
+        candidates,
         passes,
-        asdict(options),
+        inputs,
+        calibration=calibration,
+        verify_impact=verify_impact,
+        options=options,
+        model_name=model_name,
+        progress=progress,
     )
-
-
-def _ids_of(inputs: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
-    return inputs["input_ids"] if isinstance(inputs, Mapping) else inputs
 
 
 # -- pruning whole experts -----------------------------------------------------------------

@@ -270,6 +270,16 @@ class SpikeTracker:
 
 def as_super_weight(weight: SuperWeight | Coordinate) -> SuperWeight:
     """A :class:`SuperWeight` from a ``(module, row, col)`` tuple (value filled in later)."""
+    expert = (
+        weight[1]
+        if isinstance(weight, tuple) and len(weight) == 4
+        else getattr(weight, "expert", None)
+    )
+    if expert is not None:
+        raise ValueError(
+            f"{weight!r} is inside an expert: the training monitor tracks dense down-projections "
+            "only; record experts with sw_hooks.moe.record_experts"
+        )
     if isinstance(weight, SuperWeight):
         return weight
     module, row, col = as_triple(weight)

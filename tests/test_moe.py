@@ -282,3 +282,12 @@ def test_quantize_refuses_expert_holdout_clearly():
         quantize_model(
             planted.model, 4, 64, holdout=[(weight.module, weight.expert, weight.row, weight.col)]
         )
+
+
+def test_monitor_refuses_expert_weights_clearly():
+    from sw_hooks.monitor import SpikeTracker
+
+    with pytest.raises(ValueError, match="inside an expert"):
+        SpikeTracker([("model.layers.1.mlp.experts.down_proj", 3, 5, 17)])
+    with pytest.raises(ValueError, match="inside an expert"):
+        SpikeTracker([SuperWeight("model.layers.1.mlp.experts.down_proj", 1, 5, 17, 1.0, expert=3)])

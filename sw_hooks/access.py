@@ -210,9 +210,11 @@ def _resolve_expert(
     except AttributeError:
         module = None
     if module is not None:
-        # A per-expert module: its name must carry the same expert index.
-        if str(expert) not in name.split("."):
-            raise ValueError(f"module {name!r} is not expert {expert}'s (no '.{expert}.' in it)")
+        # A per-expert module: the index after its experts list must be the same expert.
+        in_path = expert_index_in_path(model, name)
+        if in_path != expert:
+            held = "no expert" if in_path is None else f"expert {in_path}"
+            raise ValueError(f"module {name!r} belongs to {held}, not expert {expert}")
         element = cls.resolve(model, (name, row, col))
         return cls(name, element.module, row, col, expert)
     parent_name, _, parameter_name = name.rpartition(".")
@@ -233,6 +235,27 @@ def _resolve_expert(
             f"[{row}, {col}] is outside {name}[{expert}], whose [out, in] shape is [{rows}, {cols}]"
         )
     return cls(name, parent, row, col, expert, parameter_name)
+
+
+def expert_index_in_path(model: nn.Module, name: str) -> int | None:
+    """The expert a per-expert module belongs to: the index right after its experts list.
+
+    Read from the module tree, not from the digits in the name, so a layer index that
+    happens to equal another expert's index is never mistaken for it.
+
+    Example:
+        >>> from sw_hooks.testing import planted_moe, to_expert_list
+        >>> model = to_expert_list(planted_moe("mixtral").model)
+        >>> expert_index_in_path(model, "model.layers.1.mlp.experts.3.down_proj")
+        3
+    """
+    parts = name.split(".")
+    found = None
+    for depth in range(1, len(parts)):
+        container = model.get_submodule(".".join(parts[:depth]))
+        if isinstance(container, nn.ModuleList) and parts[depth - 1].endswith("experts"):
+            found = int(parts[depth]) if parts[depth].isdigit() else None
+    return found
 
 
 def _is_dtensor(tensor: torch.Tensor) -> bool:

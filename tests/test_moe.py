@@ -291,3 +291,17 @@ def test_monitor_refuses_expert_weights_clearly():
         SpikeTracker([("model.layers.1.mlp.experts.down_proj", 3, 5, 17)])
     with pytest.raises(ValueError, match="inside an expert"):
         SpikeTracker([SuperWeight("model.layers.1.mlp.experts.down_proj", 1, 5, 17, 1.0, expert=3)])
+
+
+def test_expert_index_must_match_the_module_path():
+    # Expert 1 equals the layer index: a digit search in the name would accept it.
+    listed = to_expert_list(planted_moe("mixtral").model)
+    name = "model.layers.1.mlp.experts.3.down_proj"
+    weight = listed.get_submodule(name).weight
+    before = weight.detach().clone()
+    with pytest.raises(ValueError, match="belongs to expert 3, not expert 1"):
+        ablate(listed, [(name, 1, 5, 17)])
+    assert torch.equal(weight, before)
+    with ablate(listed, [(name, 3, 5, 17)]):
+        assert float(weight.detach()[5, 17]) == 0.0
+    assert torch.equal(weight, before)

@@ -1,0 +1,190 @@
+"""Convert a GGUF model once: a safetensors copy in the user's cache directory.
+
+Loading a GGUF file dequantizes every tensor and rebuilds the tokenizer from the file's
+metadata (about 20 s for the embedded SmolLM2-135M on two cores). The result is the same
+every time, so the first load writes it as an ordinary transformers checkpoint and later
+loads read that (about half a second).
+
+An entry is keyed by the source file's size, modification time and a hash of its first
+MiB (where GGUF keeps its header), and by the dtype. Each entry carries a manifest with
+the size and a BLAKE2 digest of every file it holds (sampled blocks for files over 64 MiB);
+an entry whose files do not match (a partial write, a truncated or replaced file) is
+deleted and rebuilt. Entries are written into
+a temporary folder and renamed into place, so a crash never leaves a half entry behind.
+
+Where the cache lives:
+
+* ``SW_HOOKS_CACHE_DIR``: the folder (default ``$XDG_CACHE_HOME/sw_hooks`` or
+  ``~/.cache/sw_hooks``);
+* ``SW_HOOKS_NO_CACHE=1``: never read or write the cache (as ``load_model(cache=False)``
+  and ``sw-hooks --no-cache`` do).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+CACHE_DIR_ENV = "SW_HOOKS_CACHE_DIR"
+NO_CACHE_ENV = "SW_HOOKS_NO_CACHE"
+MANIFEST = "sw_hooks_cache.json"
+FORMAT_VERSION = 1
+_HEADER_BYTES = 1 << 20
+_CHUNK = 1 << 22
+_FULL_DIGEST_LIMIT = 64 << 20
+_SAMPLES = 64
+_SAMPLE_BYTES = 64 << 10
+
+Converter = Callable[[], tuple[nn.Module, Any]]
+
+
+def cache_enabled(requested: bool = True) -> bool:
+    """False when the caller or ``SW_HOOKS_NO_CACHE`` turned the cache off."""
+    flag = os.environ.get(NO_CACHE_ENV, "").strip().lower()
+    return requested and flag in ("", "0", "false", "no")
+
+
+def cache_root() -> Path:
+    """The folder holding every entry (``SW_HOOKS_CACHE_DIR`` or the user's cache folder)."""
+    configured = os.environ.get(CACHE_DIR_ENV, "").strip()
+    if configured:
+        return Path(configured).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME", "").strip() or Path.home() / ".cache"
+    return Path(base) / "sw_hooks"
+
+
+def entry_key(source: Path, dtype: torch.dtype) -> str:
+    """A short key that changes when the file or the requested dtype does."""
+    stat = source.stat()
+    digest = hashlib.blake2b(digest_size=10)
+    digest.update(f"v{FORMAT_VERSION}|{stat.st_size}|{stat.st_mtime_ns}|{dtype}|".encode())
+    with source.open("rb") as handle:
+        digest.update(handle.read(_HEADER_BYTES))
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One converted model: ``folder`` is a transformers checkpoint with a manifest."""
+
+    folder: Path
+
+    @classmethod
+    def for_source(cls, source: Path, dtype: torch.dtype, root: Path | None = None) -> CacheEntry:
+        root = cache_root() if root is None else root
+        return cls(root / f"{source.stem}-{entry_key(source, dtype)}")
+
+    def is_valid(self) -> bool:
+        """True when the manifest exists and every file it lists has its size and digest."""
+        try:
+            manifest = json.loads((self.folder / MANIFEST).read_text())
+            files = manifest["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        return manifest.get("version") == FORMAT_VERSION and all(
+            _file_matches(self.folder / name, record) for name, record in files.items()
+        )
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def load_through_cache(
+    source: Path, dtype: torch.dtype, convert: Converter, *, root: Path | None = None
+) -> tuple[Path | None, tuple[nn.Module, Any] | None]:
+    """``(folder to load from, None)`` from the cache, or ``(None, converted)`` after filling it.
+
+    ``convert`` runs only on a miss; its model and tokenizer are written into a new entry
+    and returned, so a miss costs one conversion and no second load. A cache folder that
+    cannot be written is not an error: the converted model is returned all the same.
+    """
+    entry = CacheEntry.for_source(source, dtype, root)
+    if entry.is_valid():
+        return entry.folder, None
+    if entry.folder.exists():
+        print(
+            f"sw_hooks: the cached copy of {source.name} is damaged; converting again",
+            file=sys.stderr,
+        )
+        entry.remove()
+    print(
+        f"sw_hooks: converting {source.name} once into {entry.folder.parent} (about 20 s "
+        "for a small model); later loads read the converted copy",
+        file=sys.stderr,
+    )
+    converted = convert()
+    try:
+        write_entry(entry, *converted, source=source, dtype=dtype)
+    except OSError as error:
+        print(f"sw_hooks: could not write the model cache ({error}); continuing", file=sys.stderr)
+    return None, converted
+
+
+def write_entry(
+    entry: CacheEntry, model: nn.Module, tokenizer: Any, *, source: Path, dtype: torch.dtype
+) -> None:
+    """Write model, config and tokenizer into a temporary folder, then rename it into place."""
+    from safetensors.torch import save_model
+
+    entry.folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=entry.folder.parent))
+    try:
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)  # the copy holds plain dequantized tensors
+        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        save_model(model, str(staging / "model.safetensors"))
+        tokenizer.save_pretrained(str(staging))
+        manifest = {
+            "version": FORMAT_VERSION,
+            "source": str(source),
+            "dtype": str(dtype),
+            "files": {p.name: _file_record(p) for p in sorted(staging.iterdir()) if p.is_file()},
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        entry.remove()
+        staging.rename(entry.folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _file_record(path: Path) -> dict[str, Any]:
+    return {"size": path.stat().st_size, "blake2b": _digest(path)}
+
+
+def _file_matches(path: Path, record: dict[str, Any]) -> bool:
+    try:
+        return path.stat().st_size == record["size"] and _digest(path) == record["blake2b"]
+    except (OSError, KeyError, TypeError):
+        return False
+
+
+def _digest(path: Path) -> str:
+    """BLAKE2 of a small file; of its size and 64 evenly spaced 64 KiB blocks for a large one.
+
+    Sampling keeps a check of a multi-GB checkpoint under a second; it catches truncation,
+    partial writes and replaced files, though not every flipped bit inside a large file.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        if size <= _FULL_DIGEST_LIMIT:
+            while chunk := handle.read(_CHUNK):
+                digest.update(chunk)
+            return digest.hexdigest()
+        digest.update(str(size).encode())
+        last = size - _SAMPLE_BYTES
+        for index in range(_SAMPLES):
+            handle.seek(last * index // (_SAMPLES - 1))
+            digest.update(handle.read(_SAMPLE_BYTES))
+    return digest.hexdigest()

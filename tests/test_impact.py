@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from sw_hooks.impact import compare, impact, perplexity, table1, windows
 from sw_hooks.masks import ablate
+from sw_hooks.record import record
 from sw_hooks.results import SuperWeight
 
 
@@ -47,9 +48,37 @@ def test_compare_measures_the_ablation(planted):
     assert same.top1_agreement == 1.0
 
 
+def _trigger_first_ids(planted, rows=4, length=8):
+    """Random filler rows that each open with the causal trigger and its target."""
+    p = planted.causal[0]
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(16, 256, (rows, length), generator=generator)
+    ids[:, 0], ids[:, 1] = p.trigger_token, p.target_token
+    return ids
+
+
+def _recorded_super(planted, ids):
+    """The causal super weight with the output activation and token recorded on ``ids``."""
+    p = planted.causal[0]
+    with record(planted.model) as rec, torch.no_grad():
+        planted.model(ids)
+    outputs = rec.stats[p.module].output
+    return SuperWeight(
+        p.module,
+        p.layer,
+        p.row,
+        p.col,
+        p.value,
+        output_activation=float(outputs.value[p.row]),
+        token_position=int(outputs.token[p.row]),
+    )
+
+
 def test_table1_rows(planted):
-    ids = planted.calibration_ids()
-    rows = table1(planted.model, ids, [_super(planted)], outliers_per_matrix=1)
+    ids = _trigger_first_ids(planted)
+    weight = _recorded_super(planted, ids)
+    assert weight.token_position == 0 and weight.output_activation > 100.0
+    rows = table1(planted.model, ids, [weight], outliers_per_matrix=1)
     names = [r.condition for r in rows]
     assert names == [
         "original",
@@ -61,10 +90,9 @@ def test_table1_rows(planted):
     assert by["original"].ratio == pytest.approx(1.0)
     assert by["super weights pruned"].ratio > 2.0
     assert by["non-super outliers pruned"].weights_changed == 4 * 7  # one per decoder matrix
-    assert (
-        by["super weights pruned, super activation restored"].ratio
-        < by["super weights pruned"].ratio
-    )
+    restored = by["super weights pruned, super activation restored"]
+    assert restored.perplexity == pytest.approx(by["original"].perplexity, rel=0.01)
+    assert restored.weights_changed == 1
 
 
 def test_bad_ids():

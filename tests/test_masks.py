@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 import torch
 
@@ -119,3 +121,83 @@ def test_restore_activation_puts_the_super_activation_back(planted):
     position = sw.token_position
     assert not torch.allclose(ablated[0, position], original[0, position], atol=1e-2)
     assert torch.allclose(restored[0, position], original[0, position], atol=1e-3)
+
+
+_OVERLAPPING = {
+    "ablate": lambda model, weights: ablate(model, weights),
+    "scale": lambda model, weights: scale(model, weights, 2.5),
+    "preserve": lambda model, weights: preserve(model, weights),
+}
+# Every pair of these shares (3, 5); (4, 6) and (7, 8) are shared by two of the three.
+_MASK_WEIGHTS = [
+    [(DOWN, 3, 5), (DOWN, 4, 6)],
+    [(DOWN, 7, 8), (DOWN, 3, 5)],
+    [(DOWN, 3, 5), (DOWN, 7, 8), (DOWN, 4, 6)],
+]
+
+
+def _bits(tensor):
+    return tensor.detach().view(torch.int16 if tensor.element_size() == 2 else torch.int32).clone()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "kinds",
+    list(itertools.permutations(_OVERLAPPING, 2)) + list(itertools.permutations(_OVERLAPPING, 3)),
+    ids="-then-".join,
+)
+def test_overlapping_masks_released_in_any_order_restore_bit_exact(dtype, kinds):
+    model = tiny_model("llama", num_layers=1, dtype=dtype)
+    before = _bits(_weight(model))
+    for release_order in itertools.permutations(range(len(kinds))):
+        masks = [_OVERLAPPING[kind](model, _MASK_WEIGHTS[i]) for i, kind in enumerate(kinds)]
+        for mask in masks:
+            mask.apply()
+        for index in release_order:
+            masks[index].restore()
+        assert torch.equal(_bits(_weight(model)), before), release_order
+
+
+def test_releasing_an_earlier_mask_takes_its_effect_out_from_under_later_ones():
+    model = tiny_model("llama", num_layers=1)
+    original = _weight(model)[3, 5].item()
+    zeroed = ablate(model, [(DOWN, 3, 5)]).apply()
+    doubled = scale(model, [(DOWN, 3, 5)], 2.0).apply()
+    assert _weight(model)[3, 5].item() == 0.0
+    zeroed.restore()
+    assert _weight(model)[3, 5].item() == 2.0 * original  # as if only the scale were applied
+    doubled.restore()
+    assert _weight(model)[3, 5].item() == original
+
+
+def test_a_preserve_above_a_released_mask_keeps_the_true_original():
+    model = tiny_model("llama", num_layers=1)
+    original = _weight(model)[3, 5].item()
+    zeroed = ablate(model, [(DOWN, 3, 5)]).apply()
+    kept = preserve(model, [(DOWN, 3, 5)]).apply()
+    with torch.no_grad():
+        _weight(model)[3, 5] = 7.0
+    kept.write_back()
+    assert _weight(model)[3, 5].item() == 0.0  # what preserve found: the ablated value
+    zeroed.restore()
+    assert _weight(model)[3, 5].item() == original  # preserve now keeps the true original
+    kept.restore()
+    assert _weight(model)[3, 5].item() == original
+
+
+def test_restorer_acts_only_between_enter_and_exit(planted):
+    p = planted.causal[0]
+    sw = SuperWeight(p.module, p.layer, p.row, p.col, p.value, output_activation=50.0)
+    prompt = planted.prompt()
+    with torch.no_grad():
+        original = planted.model(prompt).logits
+        restorer = restore_activation(planted.model, [sw])
+        assert not restorer.active and torch.equal(planted.model(prompt).logits, original)
+        with restorer:
+            assert restorer.active
+            assert not torch.equal(planted.model(prompt).logits, original)
+            with pytest.raises(RuntimeError, match="already applied"):
+                restorer.apply()
+        assert torch.equal(planted.model(prompt).logits, original)
+    hooked = [m for m in planted.model.modules() if m._forward_hooks or m._forward_pre_hooks]
+    assert hooked == []

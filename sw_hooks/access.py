@@ -93,8 +93,12 @@ def oriented_shape(module: nn.Module) -> tuple[int, int]:
 
 
 def oriented_weight(module: nn.Module) -> torch.Tensor:
-    """The module's weight as an ``[out, in]`` view (no copy)."""
-    weight = module.weight
+    """The module's weight as an ``[out, in]`` view (no copy), for reading.
+
+    For an accelerate-offloaded module this is the offloaded tensor behind the meta
+    placeholder (write through :class:`WeightElement`, which knows how edits persist).
+    """
+    weight = _real_weight(module)
     return weight.t() if is_transposed(module) else weight
 
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from sw_hooks.access import WeightElement
+from sw_hooks.devices import execution_device
 from sw_hooks.impact import perplexity
 from sw_hooks.locate import find_down_projections, layer_index
 from sw_hooks.masks import ablate
@@ -182,12 +183,18 @@ def _options(options: DetectionOptions | None, overrides: Mapping[str, Any]) -> 
     return DetectionOptions(**{**asdict(base), **overrides}) if overrides else base
 
 
-def _forward(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch.Tensor]) -> None:
+def forward_on_device(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch.Tensor]) -> None:
+    """One forward pass, with the inputs sent where the model runs."""
+    device = execution_device(model)
     with torch.no_grad():
         if isinstance(inputs, Mapping):
-            model(**inputs)
+            model(**{key: _sent(value, device) for key, value in inputs.items()})
         else:
-            model(inputs)
+            model(inputs.to(device))
+
+
+def _sent(value: Any, device: torch.device) -> Any:
+    return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
 def find_candidates(
@@ -211,7 +218,7 @@ def find_candidates(
     passes = 0
     for passes in range(1, options.max_passes + 1):
         with ablate(model, found), record(model, modules) as recorder:
-            _forward(model, inputs)
+            forward_on_device(model, inputs)
         explained = {w.module for w in found}
         new = [
             c for c in spike_candidates(model, recorder.stats, options) if c.module not in explained

@@ -3,6 +3,9 @@
 Perplexity uses torchmetrics' ``Perplexity`` over sliding windows: each window scores
 only the tokens the previous one did not, with up to ``window - stride`` tokens of
 context before them.
+
+Inputs go to the model's execution device (:func:`sw_hooks.devices.execution_device`, right
+for accelerate-offloaded models too) and every metric lives on the logits' device.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 from torch import nn
 from torchmetrics.text import Perplexity
 
+from sw_hooks.devices import execution_device
 from sw_hooks.magnitude import largest_weights
 from sw_hooks.masks import ablate, restore_activation
 from sw_hooks.results import SuperWeight
@@ -58,11 +62,19 @@ def _window_batches(
         yield chunk, targets
 
 
-def _logits(model: nn.Module, chunk: torch.Tensor) -> torch.Tensor:
-    device = next(model.parameters()).device
+def _logits(model: nn.Module, chunk: torch.Tensor, device: torch.device) -> torch.Tensor:
     output = model(chunk.to(device))
     logits = output.logits if hasattr(output, "logits") else output
     return logits[:, :-1].float()
+
+
+def perplexity_metric(logits: torch.Tensor) -> Perplexity:
+    """A torchmetrics ``Perplexity`` that lives on the device of ``logits``.
+
+    Its running sums are added to in place at every update, which fails when they sit on
+    another device than the logits (a model on an accelerator, a metric on the CPU).
+    """
+    return Perplexity(ignore_index=IGNORE_INDEX).to(logits.device)
 
 
 @torch.no_grad()
@@ -78,9 +90,13 @@ def perplexity(
         72.8
     """
     ids = _check_ids(ids)
-    metric = Perplexity(ignore_index=IGNORE_INDEX)
+    device = execution_device(model)
+    metric: Perplexity | None = None
     for chunk, targets in _window_batches(ids, window, stride):
-        metric.update(_logits(model, chunk), targets.to(torch.long))
+        logits = _logits(model, chunk, device)
+        metric = metric if metric is not None else perplexity_metric(logits)
+        metric.update(logits, targets.to(logits.device, torch.long))
+    assert metric is not None  # _check_ids guarantees at least one window
     return float(metric.compute())
 
 
@@ -104,16 +120,35 @@ class Comparison:
 
 
 class _Accumulator:
-    """Running sums for the comparison metrics (pure tensor updates, no model calls)."""
+    """Running sums for the comparison metrics (pure tensor updates, no model calls).
+
+    The perplexity metrics are made at the first update, on the logits' device.
+    """
 
     def __init__(self, stopword_ids: Sequence[int] | None):
-        self.base = Perplexity(ignore_index=IGNORE_INDEX)
-        self.masked = Perplexity(ignore_index=IGNORE_INDEX)
+        self._base: Perplexity | None = None
+        self._masked: Perplexity | None = None
         self.stopword_ids = torch.tensor(list(stopword_ids)) if stopword_ids else None
         self.tokens = 0
         self.kl = self.agree = self.stop_base = self.stop_masked = 0.0
 
+    @property
+    def base(self) -> Perplexity:
+        if self._base is None:
+            raise ValueError("no logits were added to this comparison")
+        return self._base
+
+    @property
+    def masked(self) -> Perplexity:
+        if self._masked is None:
+            raise ValueError("no logits were added to this comparison")
+        return self._masked
+
     def update(self, base: torch.Tensor, masked: torch.Tensor, targets: torch.Tensor) -> None:
+        if self._base is None or self._masked is None:
+            self._base, self._masked = perplexity_metric(base), perplexity_metric(masked)
+            if self.stopword_ids is not None:
+                self.stopword_ids = self.stopword_ids.to(base.device)
         self.base.update(base, targets)
         self.masked.update(masked, targets)
         scored = targets != IGNORE_INDEX
@@ -166,15 +201,16 @@ def compare_many(
     ids = _check_ids(ids)
     masks = {name: _as_list(m) for name, m in conditions.items()}
     totals = {name: _Accumulator(stopword_ids) for name in conditions}
+    device = execution_device(model)
     for chunk, targets in _window_batches(ids, window, stride):
-        base = _logits(model, chunk)
+        base = _logits(model, chunk, device)
         targets = targets.to(base.device)
         for name, factories in masks.items():
             if not factories:
                 totals[name].update(base, base, targets)
                 continue
             with _enter(factories):
-                masked = _logits(model, chunk)
+                masked = _logits(model, chunk, device)
             totals[name].update(base, masked, targets)
     return {name: total.result() for name, total in totals.items()}
 

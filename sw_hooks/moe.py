@@ -50,6 +50,7 @@ from sw_hooks.detect import (
     _options,
     _spike_channels,
     finish_detection,
+    forward_on_device,
     spiking_layers,
 )
 from sw_hooks.impact import perplexity
@@ -542,14 +543,6 @@ def _unit_candidates(
     return found
 
 
-def _forward(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        if isinstance(inputs, Mapping):
-            model(**inputs)
-        else:
-            model(inputs)
-
-
 def find_expert_candidates(
     model: nn.Module,
     inputs: torch.Tensor | Mapping[str, torch.Tensor],
@@ -567,7 +560,7 @@ def find_expert_candidates(
     passes = 0
     for passes in range(1, options.max_passes + 1):
         with ablate(model, found), record_experts(model, experts) as recorder:
-            _forward(model, inputs)
+            forward_on_device(model, inputs)
         explained = {(w.module, w.expert) for w in found}
         new = [
             c
@@ -812,7 +805,7 @@ def detect_super_experts(
         [(1, 3, 'super'), (2, 6, 'super')]
     """
     with record_experts(model, inputs=False) as recorder:
-        _forward(model, inputs)
+        forward_on_device(model, inputs)
     flagged = super_expert_candidates(recorder.stats, percentile, min_fraction)
     if not verify_impact or not flagged:
         return flagged

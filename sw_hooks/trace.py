@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from sw_hooks.access import oriented_weight
+from sw_hooks.devices import execution_device
 from sw_hooks.locate import find_down_projections, layer_index
 from sw_hooks.masks import ablate
 from sw_hooks.results import SuperWeight
@@ -131,8 +132,7 @@ def residual_trace(
     try:
         for index, layer in layers.items():
             handles.append(layer.register_forward_hook(keep(index)))
-        device = next(model.parameters()).device
-        model(ids.to(device))
+        model(ids.to(execution_device(model)))
     finally:
         while handles:
             handles.pop().remove()

@@ -20,7 +20,6 @@ import warnings
 from collections.abc import Iterable
 from typing import Any
 
-import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
@@ -28,7 +27,15 @@ from sw_hooks.access import Coordinate
 from sw_hooks.guard import GUARD_MODES, WeightGuard
 from sw_hooks.locate import find_down_projections
 from sw_hooks.metrics import ChannelMax, module_channels
-from sw_hooks.monitor import WARNING_KINDS, SpikeTracker, WeightEvent, metric_values, watch
+from sw_hooks.monitor import (
+    WARNING_KINDS,
+    NonFiniteSteps,
+    NonFiniteWarning,
+    SpikeTracker,
+    WeightEvent,
+    fold_recording,
+    watch,
+)
 from sw_hooks.record import Recorder, record
 from sw_hooks.results import SuperWeight
 
@@ -43,14 +50,15 @@ class SuperWeightCallback(TrainerCallback):
     :class:`~sw_hooks.monitor.SpikeTracker` and warns about each new, collapsed or drifted
     super weight. The scalars (names as in :func:`~sw_hooks.monitor.metric_values`) are
     appended to ``state.log_history`` on the main process (saved in ``trainer_state.json``)
-    and kept in :attr:`last_values`.
+    and kept in :attr:`last_values`. A recording holding a NaN or infinite activation (an
+    fp16 overflow) is skipped, warned about once and counted in ``sw/nonfinite_steps``.
 
     Args:
         super_weights: weights known in advance; others are found on the fly.
         every_n_steps: record one optimizer step out of this many.
         guard: ``None``, ``"restore"`` or ``"freeze"`` (see :mod:`sw_hooks.guard`); guards
             ``super_weights``, or those found at the first recording if none were given.
-        pattern, collapse_factor, drift_fraction, spike_options, prefix: as for
+        pattern, collapse_factor, drift_fraction, spike_options, prefix, strict: as for
             :class:`sw_hooks.lightning.SuperWeightMonitor`.
     """
 
@@ -65,6 +73,7 @@ class SuperWeightCallback(TrainerCallback):
         drift_fraction: float = 0.5,
         spike_options: dict[str, Any] | None = None,
         prefix: str = "sw",
+        strict: bool = False,
     ) -> None:
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}")
@@ -82,8 +91,10 @@ class SuperWeightCallback(TrainerCallback):
             drift_fraction=drift_fraction,
             spike_options=spike_options,
         )
+        self.nonfinite = NonFiniteSteps(strict=strict, warn=self._warn_on_main, prefix=prefix)
         self.last_values: dict[str, float] = {}
         self.guard: WeightGuard | None = None
+        self._main = True
         self._model: nn.Module | None = None
         self._optimizer: Any = None
         self._metric: ChannelMax | None = None
@@ -93,11 +104,18 @@ class SuperWeightCallback(TrainerCallback):
     def events(self) -> list[WeightEvent]:
         return list(self.tracker.events)
 
+    @property
+    def nonfinite_steps(self) -> int:
+        """Recordings skipped because they held a NaN or infinite activation."""
+        return self.nonfinite.count
+
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None = None, optimizer: Any = None, **kwargs: Any) -> None:  # fmt: skip
         self._model, self._optimizer = model, getattr(optimizer, "optimizer", optimizer)
+        self._main = state.is_world_process_zero
         modules = find_down_projections(model, self.pattern)  # clear ValueError if none
         self._modules = modules
-        self._metric = ChannelMax(module_channels(model, modules)).to(_device(model))
+        # Its states move to the recorded activations' device at the first update.
+        self._metric = ChannelMax(module_channels(model, modules))
         self.tracker.qualify(model)
         self._guard(self.tracker.super_weights)
 
@@ -113,11 +131,17 @@ class SuperWeightCallback(TrainerCallback):
         self._metric.update(stats)
         reduced = self._metric.compute_stats()
         self._metric.reset()
-        with torch.no_grad():
-            events = self.tracker.update(self._model, reduced, step=self._step)
-            current = self.tracker.current(self._model, reduced)
-        self.last_values = metric_values(reduced, self.tracker, current, events, prefix=self.prefix)
-        self._report(state, events)
+        decided = fold_recording(
+            self.tracker,
+            self._model,
+            reduced,
+            self.nonfinite,
+            step=self._step,
+            stage="train",
+            prefix=self.prefix,
+        )
+        self.last_values = decided.values
+        self._report(state, decided.events)
         if self.guard is None:
             self._guard(self.tracker.super_weights)
 
@@ -127,11 +151,12 @@ class SuperWeightCallback(TrainerCallback):
             self.guard.detach()
 
     def state_dict(self) -> dict[str, Any]:
-        """The tracker's history, for saving next to a checkpoint."""
-        return self.tracker.state_dict()
+        """The tracker's history and the skipped-step count, for saving next to a checkpoint."""
+        return {**self.tracker.state_dict(), "nonfinite_steps": self.nonfinite.count}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.tracker.load_state_dict(state)
+        self.nonfinite.count = int(state.get("nonfinite_steps", 0))
 
     def _guard(self, weights: list[SuperWeight]) -> None:
         if self.guard_mode is None or not weights or self._optimizer is None:
@@ -143,6 +168,10 @@ class SuperWeightCallback(TrainerCallback):
             self._recorder.remove()
             self._recorder = None
 
+    def _warn_on_main(self, message: str) -> None:
+        if self._main:
+            warnings.warn(message, NonFiniteWarning, stacklevel=2)
+
     def _report(self, state: TrainerState, events: list[WeightEvent]) -> None:
         if not state.is_world_process_zero:
             return
@@ -150,7 +179,3 @@ class SuperWeightCallback(TrainerCallback):
             if event.kind in WARNING_KINDS:
                 warnings.warn(event.describe(), stacklevel=2)
         state.log_history.append({**self.last_values, "step": self._step})
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device

@@ -16,10 +16,10 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import (
     DDPStrategy,
@@ -41,9 +41,11 @@ from sw_hooks.masks import WeightMask, ablate, scale
 from sw_hooks.metrics import ChannelMax, module_channels
 from sw_hooks.monitor import (
     WARNING_KINDS,
+    NonFiniteSteps,
+    NonFiniteWarning,
     SpikeTracker,
     WeightEvent,
-    metric_values,
+    fold_recording,
     qualify,
 )
 from sw_hooks.record import ChannelStats, Recorder, record
@@ -104,6 +106,10 @@ class SuperWeightMonitor(Callback):
     :func:`sw_hooks.monitor.metric_values` (``sw/train/layer_3/output_max``,
     ``sw/val/layer_1.row_5.col_17/activation``, ``sw/events/collapsed``...).
 
+    A recording holding a NaN or infinite activation (an fp16 overflow that ``GradScaler``
+    skips) is skipped too: warned about once on rank zero, counted in
+    ``sw/nonfinite_steps``, and training goes on.
+
     Args:
         every_n_steps: record one training step out of this many (``1``: every step).
         record_validation: also record over each validation epoch (stage ``val``).
@@ -118,6 +124,8 @@ class SuperWeightMonitor(Callback):
         record_locations: keep the token position of each maximum. ``False`` records
             magnitudes only (positions -1): measured 1.2% instead of 3.2% of a SmolLM2
             training step when recording every step.
+        strict: raise :class:`~sw_hooks.monitor.NonFiniteActivationError` on a non-finite
+            activation instead of skipping that recording.
 
     Example:
         >>> monitor = SuperWeightMonitor(every_n_steps=10)  # doctest: +SKIP
@@ -138,6 +146,7 @@ class SuperWeightMonitor(Callback):
         prefix: str = "sw",
         require_logger: bool = True,
         record_locations: bool = True,
+        strict: bool = False,
     ) -> None:
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise MisconfigurationException(
@@ -156,6 +165,9 @@ class SuperWeightMonitor(Callback):
             drift_fraction=drift_fraction,
             spike_options=spike_options,
         )
+        self.nonfinite = NonFiniteSteps(
+            strict=strict, warn=partial(rank_zero_warn, category=NonFiniteWarning), prefix=prefix
+        )
         self.last_values: dict[str, float] = {}
         self.last_stats: dict[str, ChannelStats] = {}
         self._metric: ChannelMax | None = None
@@ -165,6 +177,11 @@ class SuperWeightMonitor(Callback):
     @property
     def events(self) -> list[WeightEvent]:
         return list(self.tracker.events)
+
+    @property
+    def nonfinite_steps(self) -> int:
+        """Recordings skipped because they held a NaN or infinite activation."""
+        return self.nonfinite.count
 
     @property
     def super_weights(self) -> list[SuperWeight]:
@@ -184,8 +201,9 @@ class SuperWeightMonitor(Callback):
             )
         modules = down_projections(pl_module, self.pattern, type(self).__name__)
         self._modules = modules
-        channels = module_channels(pl_module, modules)
-        self._metric = ChannelMax(channels, sync_on_compute=True).to(pl_module.device)
+        # The metric moves to the recorded activations' device at its first update: here,
+        # before Lightning moves the model, pl_module.device is still the CPU.
+        self._metric = ChannelMax(module_channels(pl_module, modules), sync_on_compute=True)
         try:
             self.tracker.qualify(pl_module)
         except ValueError as error:
@@ -230,12 +248,17 @@ class SuperWeightMonitor(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"tracker": self.tracker.state_dict(), "last_values": dict(self.last_values)}
+        return {
+            "tracker": self.tracker.state_dict(),
+            "last_values": dict(self.last_values),
+            "nonfinite_steps": self.nonfinite.count,
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.tracker.load_state_dict(state_dict["tracker"])
         self.last_values = dict(state_dict.get("last_values", {}))
+        self.nonfinite.count = int(state_dict.get("nonfinite_steps", 0))
 
     # -- the work ------------------------------------------------------------------------
     def _start(self, pl_module: pl.LightningModule, step: int) -> None:
@@ -257,14 +280,19 @@ class SuperWeightMonitor(Callback):
         stats = self._reduce(self._stop())
         if not stats:
             return
-        with torch.no_grad():
-            events = self.tracker.update(pl_module, stats, step=self._step, stage=stage)
-            current = self.tracker.current(pl_module, stats)
-        self.last_stats = stats
-        self.last_values = metric_values(
-            stats, self.tracker, current, events, stage=stage, prefix=self.prefix
+        decided = fold_recording(
+            self.tracker,
+            pl_module,
+            stats,
+            self.nonfinite,
+            step=self._step,
+            stage=stage,
+            prefix=self.prefix,
         )
-        self._report(trainer, events)
+        if not decided.skipped:
+            self.last_stats = stats
+        self.last_values = decided.values
+        self._report(trainer, decided.events)
 
     def _reduce(self, stats: dict[str, ChannelStats]) -> dict[str, ChannelStats]:
         """Max over every rank (a no-op on one process), so all ranks decide alike."""

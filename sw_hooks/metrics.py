@@ -36,9 +36,13 @@ _SIDES = ("input", "output")
 
 
 def empty_where(channels: int) -> torch.Tensor:
-    """The ``[4, C]`` location state before any update: nothing seen, location ``-1``."""
+    """The ``[4, C]`` location state before any update: ``abs_max`` and location ``-1``.
+
+    ``|x|`` is never negative, so an ``abs_max`` row of ``-1`` means "never recorded" and
+    loses to any recording, here and in :func:`keep_largest` across ranks.
+    """
     where = torch.full((4, channels), -1.0, dtype=torch.float64)
-    where[:2] = 0.0
+    where[1] = 0.0
     return where
 
 
@@ -55,6 +59,9 @@ def where_to_maxima(where: torch.Tensor) -> ChannelMaxima:
 def merge_where(current: torch.Tensor, incoming: torch.Tensor) -> torch.Tensor:
     """Per channel, keep the column whose ``abs_max`` is larger (``current`` on ties).
 
+    A NaN wins, as in :func:`~sw_hooks.record.merge_channel_maxima` and ``argmax`` in
+    :func:`keep_largest`: a non-finite activation must not vanish from the record.
+
     Example:
         >>> a = torch.tensor([[1.0, 5.0], [1.0, -5.0], [0.0, 2.0], [0.0, 0.0]])
         >>> b = torch.tensor([[3.0, 4.0], [-3.0, 4.0], [7.0, 1.0], [1.0, 1.0]])
@@ -62,7 +69,8 @@ def merge_where(current: torch.Tensor, incoming: torch.Tensor) -> torch.Tensor:
         [-3.0, -5.0]
     """
     incoming = incoming.to(current.device)
-    return torch.where(incoming[0] > current[0], incoming, current)
+    new, old = incoming[0], current[0]
+    return torch.where((new > old) | (new.isnan() & ~old.isnan()), incoming, current)
 
 
 def keep_largest(stacked: torch.Tensor) -> torch.Tensor:
@@ -76,6 +84,16 @@ def keep_largest(stacked: torch.Tensor) -> torch.Tensor:
     return stacked.gather(0, winner.expand(1, stacked.shape[1], -1)).squeeze(0)
 
 
+def stats_device(stats: Mapping[str, ChannelStats]) -> torch.device | None:
+    """The device of the first recorded side in ``stats`` (``None`` when nothing was recorded)."""
+    for module_stats in stats.values():
+        for side in _SIDES:
+            maxima = getattr(module_stats, side)
+            if maxima is not None:
+                return maxima.abs_max.device
+    return None
+
+
 def module_channels(model: nn.Module, modules: Mapping[str, nn.Module] | None = None):
     """``{name: (in_channels, out_channels)}`` of the down-projections (or given modules)."""
     chosen = find_down_projections(model) if modules is None else modules
@@ -87,6 +105,9 @@ class ChannelMax(Metric):
 
     Feed it recorder stats (``{module: ChannelStats}``) or a :class:`~sw_hooks.record.Recorder`;
     :meth:`compute_stats` gives ``{module: ChannelStats}`` over everything seen by every rank.
+    The states move to the device of the first update's stats (where the activations were
+    recorded), so a cross-rank reduction runs on the data's device (CUDA tensors for NCCL)
+    whatever device the metric was made on.
 
     Args:
         channels: ``{module_name: (in_channels, out_channels)}``; see :meth:`for_model`.
@@ -118,6 +139,7 @@ class ChannelMax(Metric):
                 self.add_state(f"{side}_abs_max_{index}", torch.zeros(size), "max")
                 self.add_state(f"{side}_where_{index}", empty_where(size), keep_largest)
             self.add_state(f"calls_{index}", torch.tensor(0), "sum")
+        self._holds_data = False
 
     @classmethod
     def for_model(cls, model: nn.Module, pattern: Any = None, **kwargs: Any) -> ChannelMax:
@@ -127,12 +149,20 @@ class ChannelMax(Metric):
     def update(self, stats: Mapping[str, ChannelStats] | Recorder) -> None:
         """Fold recorder stats in (elementwise max); unknown module names raise."""
         incoming = stats.stats if isinstance(stats, Recorder) else stats
+        if not self._holds_data:
+            self._move_to_data(incoming)
+            self._holds_data = bool(incoming)
         for name, module_stats in incoming.items():
             index = self._index(name)
             for side in _SIDES:
                 self._fold(f"{side}_{{}}_{index}", getattr(module_stats, side))
             calls = getattr(self, f"calls_{index}")
             setattr(self, f"calls_{index}", calls + module_stats.calls)
+
+    def reset(self) -> None:
+        """Back to the empty state; the next update's stats choose the device again."""
+        super().reset()
+        self._holds_data = False
 
     def compute(self) -> dict[str, torch.Tensor]:
         """The reduced maxima as a flat tensor dict (the recorder's ``state_dict`` layout).
@@ -154,6 +184,12 @@ class ChannelMax(Metric):
                 sides = [self._maxima(side, index) for side in _SIDES]
                 result[name] = ChannelStats(*sides, calls)
         return result
+
+    def _move_to_data(self, incoming: Mapping[str, ChannelStats]) -> None:
+        """Move the states (and their reset values) to the device the stats are on."""
+        device = stats_device(incoming)
+        if device is not None and device != self.device:
+            self.to(device)
 
     def _index(self, name: str) -> int:
         try:

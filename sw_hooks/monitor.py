@@ -13,14 +13,16 @@ first seen, and the events so far:
 * ``"recovered"``: a collapsed or drifted weight is back within both bounds.
 
 New spike pairs come from :func:`sw_hooks.detect.spike_candidates`, so the callbacks and
-detection agree on what a spike is. :func:`metric_values` names what is logged;
-:func:`watch` wraps a recorder and a tracker around any forward code (``generate``, a
-plain training loop).
+detection agree on what a spike is. :func:`fold_recording` is the step every monitor takes
+per recording (skip it if non-finite, else track it, then name the scalars with
+:func:`metric_values`); :func:`watch` wraps a recorder and a tracker around any forward
+code (``generate``, a plain training loop).
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -37,6 +39,7 @@ from sw_hooks.results import SuperWeight
 EVENT_KINDS = ("found", "appeared", "collapsed", "drifted", "recovered")
 WARNING_KINDS = ("appeared", "collapsed", "drifted")
 ValueReader = Callable[[nn.Module, tuple[str, int, int]], float]
+Warn = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -317,6 +320,143 @@ def _full_name(names: list[str], name: str, owner: str) -> str:
     return matches[0]
 
 
+class NonFiniteActivationError(ValueError):
+    """A recording held a NaN or infinite activation and the monitor was made ``strict``."""
+
+
+class NonFiniteWarning(UserWarning):
+    """A recording held a NaN or infinite activation and the monitor skipped it."""
+
+
+@dataclass(frozen=True)
+class NonFiniteActivation:
+    """The first NaN or infinite per-channel maximum in a recording."""
+
+    module: str
+    side: str
+    channel: int
+    value: float
+
+    def describe(self, step: int, stage: str) -> str:
+        return (
+            f"non-finite activation ({self.value}) in the {self.side} of {self.module}, "
+            f"channel {self.channel}, at {stage} step {step}"
+        )
+
+
+def find_nonfinite(stats: Mapping[str, ChannelStats]) -> NonFiniteActivation | None:
+    """The first module, side and channel whose maximum is NaN or infinite, if any.
+
+    One device-to-host read when everything is finite (the usual case).
+
+    Example:
+        >>> from sw_hooks.record import channel_maxima
+        >>> bad = channel_maxima(torch.tensor([[[1.0, float("inf")]]]))
+        >>> find_nonfinite({"mlp": ChannelStats(None, bad, 1)})
+        NonFiniteActivation(module='mlp', side='output', channel=1, value=inf)
+    """
+    sides = [
+        (name, side, maxima)
+        for name, module_stats in stats.items()
+        for side in ("input", "output")
+        if (maxima := getattr(module_stats, side)) is not None
+    ]
+    if not sides or bool(torch.cat([m.abs_max.isfinite() for _, _, m in sides]).all()):
+        return None
+    for name, side, maxima in sides:
+        bad = (~maxima.abs_max.isfinite()).nonzero()
+        if len(bad):
+            channel = int(bad[0, 0])
+            return NonFiniteActivation(name, side, channel, float(maxima.value[channel]))
+    return None
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, NonFiniteWarning, stacklevel=4)
+
+
+class NonFiniteSteps:
+    """Skips recordings that hold a NaN or infinite activation, counts them, warns once.
+
+    An fp16 overflow makes one step's activations infinite; ``GradScaler`` skips that
+    step's update and training goes on, so monitoring must not end the run either. The
+    first skipped recording is warned about (module, channel, step), every one is counted
+    (logged as ``<prefix>/nonfinite_steps``). ``strict=True`` raises
+    :class:`NonFiniteActivationError` instead.
+
+    Args:
+        strict: raise instead of skipping.
+        warn: how to warn (``lightning``'s ``rank_zero_warn`` under Lightning);
+            default ``warnings.warn`` with :class:`NonFiniteWarning`.
+        prefix: the first component of the logged count's name.
+    """
+
+    def __init__(self, *, strict: bool = False, warn: Warn = _warn, prefix: str = "sw") -> None:
+        self.strict = strict
+        self.count = 0
+        self.metric_name = f"{prefix}/nonfinite_steps"
+        self._warn = warn
+        self._warned = False
+
+    def admit(self, stats: Mapping[str, ChannelStats], *, step: int, stage: str) -> bool:
+        """``True`` when ``stats`` are finite; otherwise count and skip them (or raise)."""
+        found = find_nonfinite(stats)
+        if found is None:
+            return True
+        where = found.describe(step, stage)
+        if self.strict:
+            raise NonFiniteActivationError(
+                f"{where}: the model overflowed or holds NaN/inf weights (strict=True)"
+            )
+        self.count += 1
+        if not self._warned:
+            self._warned = True
+            self._warn(
+                f"{where}: recording skipped (counted in {self.metric_name}); "
+                "pass strict=True to raise instead"
+            )
+        return False
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What one recording gave: the events it caused and the scalars to log."""
+
+    events: list[WeightEvent]
+    values: dict[str, float]
+    skipped: bool
+
+
+def fold_recording(
+    tracker: SpikeTracker,
+    model: nn.Module,
+    stats: Mapping[str, ChannelStats],
+    nonfinite: NonFiniteSteps,
+    *,
+    step: int,
+    stage: str,
+    prefix: str = "sw",
+) -> Decision:
+    """Fold one (already reduced) recording into ``tracker``, unless it is not finite.
+
+    The step every monitor takes per recording, so they all decide alike. A skipped
+    recording causes no events and logs only the totals (``super_weights``, event counts,
+    ``nonfinite_steps``).
+    """
+    if not nonfinite.admit(stats, step=step, stage=stage):
+        values = metric_values(
+            {}, tracker, {}, stage=stage, prefix=prefix, nonfinite_steps=nonfinite.count
+        )
+        return Decision([], values, skipped=True)
+    with torch.no_grad():
+        events = tracker.update(model, stats, step=step, stage=stage)
+        current = tracker.current(model, stats)
+    values = metric_values(
+        stats, tracker, current, events, stage=stage, prefix=prefix, nonfinite_steps=nonfinite.count
+    )
+    return Decision(events, values, skipped=False)
+
+
 def metric_values(
     stats: Mapping[str, ChannelStats],
     tracker: SpikeTracker,
@@ -325,6 +465,7 @@ def metric_values(
     *,
     stage: str = "train",
     prefix: str = "sw",
+    nonfinite_steps: int = 0,
 ) -> dict[str, float]:
     """The scalars the callbacks log, under stable names (``<prefix>/<stage>/...``).
 
@@ -334,7 +475,9 @@ def metric_values(
       super activation (``|output|`` at its row), ``<weight>`` being
       ``layer_<L>.row_<r>.col_<c>``;
     * ``super_weights``: how many are known; ``events/<kind>``: events of each kind so far;
-    * ``event/<kind>/<weight>``: ``1.0`` at the recording where that event happened.
+    * ``event/<kind>/<weight>``: ``1.0`` at the recording where that event happened;
+    * ``<prefix>/nonfinite_steps``: recordings skipped so far for a NaN or infinite
+      activation (see :class:`NonFiniteSteps`).
     """
     base = f"{prefix}/{stage}"
     values: dict[str, float] = {}
@@ -351,28 +494,46 @@ def metric_values(
         values[f"{prefix}/events/{kind}"] = float(sum(e.kind == kind for e in tracker.events))
     for event in events:
         values[f"{prefix}/event/{event.kind}/{event.tag}"] = 1.0
+    values[f"{prefix}/nonfinite_steps"] = float(nonfinite_steps)
     return values
 
 
 class Watch:
     """What :func:`watch` yields: the recorder while inside, the tracker and events after."""
 
-    def __init__(self, model: nn.Module, tracker: SpikeTracker, recorder: Recorder) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        tracker: SpikeTracker,
+        recorder: Recorder,
+        nonfinite: NonFiniteSteps | None = None,
+    ) -> None:
         self.model, self.tracker, self.recorder = model, tracker, recorder
+        self.nonfinite = nonfinite if nonfinite is not None else NonFiniteSteps()
         self.events: list[WeightEvent] = []
         self.values: dict[str, float] = {}
 
+    @property
+    def nonfinite_steps(self) -> int:
+        """Checks skipped because the recording held a NaN or infinite activation."""
+        return self.nonfinite.count
+
     def check(self, step: int = 0, stage: str = "watch") -> list[WeightEvent]:
-        """Decide on what was recorded so far, then start a fresh recording."""
+        """Decide on what was recorded so far, then start a fresh recording.
+
+        A recording holding a NaN or infinite activation is skipped and counted (warned
+        about once), or raises :class:`NonFiniteActivationError` under ``strict=True``.
+        """
         stats = self.recorder.stats
         if not stats:
             return []
-        events = self.tracker.update(self.model, stats, step=step, stage=stage)
-        current = self.tracker.current(self.model, stats)
-        self.values = metric_values(stats, self.tracker, current, events, stage=stage)
-        self.events += events
         self.recorder.reset()
-        return events
+        decided = fold_recording(
+            self.tracker, self.model, stats, self.nonfinite, step=step, stage=stage
+        )
+        self.values = decided.values
+        self.events += decided.events
+        return decided.events
 
 
 @contextmanager
@@ -383,11 +544,15 @@ def watch(
     pattern: Any = None,
     step: int = 0,
     stage: str = "watch",
+    strict: bool = False,
 ) -> Iterator[Watch]:
     """Record the down-projections inside the block; on exit, fold the recording into ``tracker``.
 
     Works around anything that runs the model: ``generate``, evaluation, a training step.
-    Call :meth:`Watch.check` inside the block to decide more often (every N steps).
+    Call :meth:`Watch.check` inside the block to decide more often (every N steps). A
+    recording with a NaN or infinite activation (an fp16 overflow) is skipped, counted
+    in ``sw/nonfinite_steps`` and warned about once; ``strict=True`` raises
+    :class:`NonFiniteActivationError` instead.
 
     Example:
         >>> from sw_hooks.testing import planted_llama
@@ -399,7 +564,7 @@ def watch(
     """
     tracker = tracker if tracker is not None else SpikeTracker()
     recorder = record(model, pattern)
-    watcher = Watch(model, tracker, recorder)
+    watcher = Watch(model, tracker, recorder, NonFiniteSteps(strict=strict))
     try:
         yield watcher
     finally:

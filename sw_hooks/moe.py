@@ -56,7 +56,13 @@ from sw_hooks.detect import (
 from sw_hooks.impact import perplexity
 from sw_hooks.locate import layer_index
 from sw_hooks.masks import ablate
-from sw_hooks.record import ChannelMaxima, ChannelStats, channel_maxima, merge_channel_maxima
+from sw_hooks.record import (
+    ChannelMaxima,
+    ChannelStats,
+    TokenMasks,
+    channel_maxima,
+    merge_channel_maxima,
+)
 from sw_hooks.results import DetectionResult, SuperWeight
 
 Progress = Callable[[str], None]
@@ -336,8 +342,8 @@ class ExpertRecorder:
             )
         self.experts = dict(experts) if experts is not None else find_experts(model)
         self._inputs, self._outputs = inputs, outputs
-        self._token_mask: torch.Tensor | None = None
-        self._seq_len: int | None = None
+        self._masks = TokenMasks()
+        self._root_seq_len: int | None = None
         self._stats: dict[str, ExpertStats] = {}
         self._handles: list[RemovableHandle] = []
         try:
@@ -358,24 +364,34 @@ class ExpertRecorder:
             self._handles.append(down.register_forward_hook(self._list_hook(unit, expert)))
 
     def _hook_model(self, model: nn.Module) -> None:
+        """Padding masks where the model that receives them sits; the sequence length."""
+
         def capture(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            mask = kwargs.get("attention_mask")
             ids = kwargs.get("input_ids", args[0] if args else None)
             if ids is None:
                 ids = kwargs.get("inputs_embeds")
-            self._seq_len = (
+            self._root_seq_len = (
                 int(ids.shape[1]) if isinstance(ids, torch.Tensor) and ids.dim() >= 2 else None
             )
-            usable = isinstance(mask, torch.Tensor) and mask.dim() == 2
-            self._token_mask = mask.bool().reshape(-1) if usable else None
 
         def release(*_: Any) -> None:
-            self._token_mask, self._seq_len = None, None
+            self._root_seq_len = None
 
         self._handles.append(model.register_forward_pre_hook(capture, with_kwargs=True))
         self._handles.append(
             model.register_forward_hook(release, with_kwargs=True, always_call=True)
         )
+        self._masks.attach(model, [u.module for u in self.experts.values()], self._handles)
+
+    @property
+    def _token_mask(self) -> torch.Tensor | None:
+        mask = self._masks.current
+        return mask.reshape(-1) if mask is not None else None
+
+    @property
+    def _seq_len(self) -> int | None:
+        mask = self._masks.current
+        return int(mask.shape[1]) if mask is not None else self._root_seq_len
 
     def _fused_hook(self, unit: ExpertsModule):
         def fold(
@@ -455,7 +471,8 @@ class ExpertRecorder:
         """Remove every hook, newest first. Safe to call twice."""
         while self._handles:
             self._handles.pop().remove()
-        self._token_mask, self._seq_len = None, None
+        self._masks.clear()
+        self._root_seq_len = None
 
     def __enter__(self) -> ExpertRecorder:
         return self

@@ -7,6 +7,7 @@ it happened. Full activations are never stored.
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
@@ -134,12 +135,110 @@ def _first_tensor(value: Any) -> torch.Tensor | None:
 ModuleSelection = Mapping[str, nn.Module] | Iterable[str] | str | re.Pattern[str] | None
 
 
+class TokenMasks:
+    """Which tokens are real in the forward call in progress, for hooks deep inside it.
+
+    A training wrapper (a ``LightningModule``'s ``training_step``, a module that takes the
+    whole batch) passes ``attention_mask=`` to the model it holds, not to the module that
+    was handed to :func:`record`. So every module on the way from that one down to the
+    recorded modules, and able to take ``attention_mask=``, gets a pair of hooks: on entry
+    its call pushes the 2-D mask it was given, or the one already in force if it was given
+    none (decoder layers get a 4-D one), and on exit it pops it. The innermost mask wins, an
+    inner call never clears an outer one, and nothing outlives the outermost call.
+    """
+
+    def __init__(self) -> None:
+        self._stack: list[tuple[int, torch.Tensor | None]] = []
+
+    @property
+    def current(self) -> torch.Tensor | None:
+        """``[batch, seq]`` bool, true for real tokens; ``None`` when no mask is in force."""
+        return self._stack[-1][1] if self._stack else None
+
+    def attach(
+        self, model: nn.Module, recorded: Iterable[nn.Module], handles: list[RemovableHandle]
+    ) -> None:
+        """Hook the mask receivers of ``model`` on the way to ``recorded``, into ``handles``."""
+        # Eager under torch.compile, like the recorder's own bookkeeping.
+        enter, leave = torch.compiler.disable(self._enter), torch.compiler.disable(self._leave)
+        for module in mask_receivers(model, recorded):
+            handles.append(module.register_forward_pre_hook(enter, with_kwargs=True))
+            handles.append(module.register_forward_hook(leave, with_kwargs=True, always_call=True))
+
+    def clear(self) -> None:
+        self._stack.clear()
+
+    def _enter(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        given = token_mask(args, kwargs)
+        self._stack.append((id(module), given if given is not None else self.current))
+
+    def _leave(self, module: nn.Module, args: Any, kwargs: Any, output: Any = None) -> None:
+        # always_call runs this even when an earlier pre-hook failed and _enter never did.
+        if self._stack and self._stack[-1][0] == id(module):
+            self._stack.pop()
+
+
+def token_mask(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor | None:
+    """The call's ``attention_mask=`` as a ``[batch, seq]`` bool mask, if it is one.
+
+    Only a 2-D mask shaped like the call's tokens counts: a decoder layer's 4-D mask is
+    not one, nor is a cached generation step's mask, which also covers past tokens.
+    """
+    mask = kwargs.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return None
+    tokens = _call_tokens(args, kwargs)
+    if tokens is not None and tokens.dim() >= 2 and tuple(tokens.shape[:2]) != tuple(mask.shape):
+        return None
+    return mask.bool()
+
+
+def _call_tokens(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor | None:
+    for key in ("input_ids", "inputs_embeds", "hidden_states"):
+        if isinstance(kwargs.get(key), torch.Tensor):
+            return kwargs[key]
+    return args[0] if args and isinstance(args[0], torch.Tensor) else None
+
+
+def mask_receivers(model: nn.Module, recorded: Iterable[nn.Module]) -> list[nn.Module]:
+    """``model`` and the modules inside it that hold a recorded module and can be called
+    with ``attention_mask=``: where a padding mask can enter on its way to the recorded ones.
+
+    Only these are hooked, so the cost grows with the depth of the recorded modules, not
+    with the size of the model.
+    """
+    targets = {id(module) for module in recorded}
+    holds_target: dict[int, bool] = {}
+    receivers: list[nn.Module] = []
+
+    def visit(module: nn.Module) -> bool:
+        if id(module) not in holds_target:
+            # Every child is visited (no short cut): a target may hold further targets.
+            below = [visit(child) or id(child) in targets for child in module.children()]
+            holds_target[id(module)] = any(below)
+            if (any(below) or module is model) and _takes_attention_mask(module):
+                receivers.append(module)
+        return holds_target[id(module)]
+
+    visit(model)
+    return receivers
+
+
+def _takes_attention_mask(module: nn.Module) -> bool:
+    try:
+        parameters = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):  # no introspectable signature: assume it may
+        return True
+    return any(p.name == "attention_mask" or p.kind is p.VAR_KEYWORD for p in parameters)
+
+
 class Recorder:
     """Forward hooks that keep per-channel max ``|input|`` and ``|output|`` of chosen modules.
 
     Use :func:`record` to make one. It is a context manager (hooks removed on exit, even
-    when the forward raised) and also a plain object with :meth:`remove`. Attention masks
-    passed to the model as ``attention_mask=`` keep padded tokens out of the maxima.
+    when the forward raised) and also a plain object with :meth:`remove`. A 2-D
+    ``attention_mask=`` keeps padded tokens out of the maxima, whether it is passed to the
+    model or, inside it, to the module that receives it (a training wrapper's inner model).
     """
 
     def __init__(
@@ -160,14 +259,14 @@ class Recorder:
         _check_not_meta(selected)
         self.module_names: tuple[str, ...] = tuple(selected)
         self._inputs, self._outputs, self._locations = inputs, outputs, locations
-        self._token_mask: torch.Tensor | None = None
+        self._masks = TokenMasks()
         self._stats: dict[str, ChannelStats] = {}
         self._handles: list[RemovableHandle] = []
         try:
-            if use_attention_mask:
-                self._hook_attention_mask(model)
             for name, module in selected.items():
                 self._handles.append(module.register_forward_hook(self._fold_hook(name)))
+            if use_attention_mask:
+                self._masks.attach(model, selected.values(), self._handles)
         except BaseException:
             self.remove()
             raise
@@ -184,7 +283,7 @@ class Recorder:
     @torch.compiler.disable
     def _fold(self, name: str, x: torch.Tensor | None, y: torch.Tensor | None) -> None:
         previous = self._stats.get(name)
-        mask, where = self._token_mask, self._locations
+        mask, where = self._masks.current, self._locations
         new_in = (
             channel_maxima(x, mask, locations=where) if self._inputs and x is not None else None
         )
@@ -195,22 +294,6 @@ class Recorder:
             self._stats[name] = ChannelStats(new_in, new_out, 1)
         else:
             self._stats[name] = merge_stats(previous, ChannelStats(new_in, new_out, 1))
-
-    def _hook_attention_mask(self, model: nn.Module) -> None:
-        def capture(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            mask = kwargs.get("attention_mask")
-            self._token_mask = (
-                mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-            )
-
-        def release(module: nn.Module, args: Any, kwargs: Any, output: Any = None) -> None:
-            self._token_mask = None
-
-        capture, release = torch.compiler.disable(capture), torch.compiler.disable(release)
-        self._handles.append(model.register_forward_pre_hook(capture, with_kwargs=True))
-        self._handles.append(
-            model.register_forward_hook(release, with_kwargs=True, always_call=True)
-        )
 
     # -- results -------------------------------------------------------------------------
     @property
@@ -242,7 +325,7 @@ class Recorder:
         """Remove every hook, newest first. Safe to call twice."""
         while self._handles:
             self._handles.pop().remove()
-        self._token_mask = None
+        self._masks.clear()
 
     def __enter__(self) -> Recorder:
         return self
@@ -268,8 +351,10 @@ def record(
             (:func:`~sw_hooks.locate.find_down_projections`), a glob or compiled regex,
             a list of module names, or a ``{name: module}`` mapping.
         inputs, outputs: which side(s) to record.
-        use_attention_mask: take ``attention_mask=`` from the model's call and ignore
-            padded tokens.
+        use_attention_mask: ignore padded tokens, taking the 2-D ``attention_mask=``
+            from the model's call or from the innermost module on the way to the recorded
+            modules that is called with one (a ``LightningModule`` or training wrapper
+            passes it to the model it holds).
         locations: also keep where each maximum happened (token, batch index). ``False``
             is several times cheaper (``token``/``batch`` are then -1): enough for
             monitoring magnitudes.

@@ -305,3 +305,31 @@ def test_expert_index_must_match_the_module_path():
     with ablate(listed, [(name, 3, 5, 17)]):
         assert float(weight.detach()[5, 17]) == 0.0
     assert torch.equal(weight, before)
+
+
+class _BatchWrapper(nn.Module):
+    """Like a LightningModule: takes the whole batch, passes the mask to the model it holds."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+
+
+def test_expert_recording_through_a_wrapper_leaves_padding_out(mixtral):
+    ids = mixtral.calibration_ids(length=24).repeat(2, 1)
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0  # left padding in the second row
+    batch = {"input_ids": ids, "attention_mask": mask}
+    with record_experts(mixtral.model) as direct, torch.no_grad():
+        mixtral.model(**batch)
+    wrapper = _BatchWrapper(mixtral.model)
+    with record_experts(wrapper) as wrapped, torch.no_grad():
+        wrapper(batch)
+    for name, expected in direct.stats.items():
+        got = wrapped.stats[f"net.{name}"]
+        assert got.tokens.tolist() == expected.tokens.tolist()
+        assert int(got.tokens.sum()) == 39 * mixtral.model.config.num_experts_per_tok
+        assert torch.equal(got.output.abs_max, expected.output.abs_max)

@@ -27,11 +27,11 @@ from torch import nn
 
 from sw_hooks.access import WeightElement
 from sw_hooks.devices import execution_device
-from sw_hooks.impact import perplexity
 from sw_hooks.locate import find_down_projections, layer_index
 from sw_hooks.masks import ablate
 from sw_hooks.record import ChannelMaxima, ChannelStats, record
 from sw_hooks.results import DetectionResult, SuperWeight
+from sw_hooks.verify import VerifySettings, measure_impacts
 
 Progress = Callable[[str], None]
 
@@ -52,6 +52,11 @@ class DetectionOptions:
         max_passes: record-and-ablate passes (each finds spikes the previous hid).
         min_impact: perplexity ratio at which a candidate is called ``"super"``.
         window, stride: perplexity windows over the calibration tokens.
+        reuse_prefix: measure a candidate by running only the blocks from its own on,
+            reusing the baseline's output of the blocks before it (exact; checked).
+        screen_exponent: after the first window, stop measuring a candidate whose ratio
+            there is below ``min_impact ** screen_exponent``; ``None`` measures every
+            candidate on every window. The rule and its error: :mod:`sw_hooks.verify`.
     """
 
     spike_factor: float = 8.0
@@ -62,6 +67,8 @@ class DetectionOptions:
     min_impact: float = 2.0
     window: int = 512
     stride: int = 256
+    reuse_prefix: bool = True
+    screen_exponent: float | None = 0.25
 
     def __post_init__(self) -> None:
         for name in ("spike_factor", "min_impact"):
@@ -72,6 +79,11 @@ class DetectionOptions:
             value = getattr(self, name)
             if not (isinstance(value, int | float) and 0.0 < value <= 1.0):
                 raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+        exponent = self.screen_exponent
+        if exponent is not None and not (isinstance(exponent, int | float) and 0 < exponent < 1):
+            raise ValueError(f"screen_exponent must be in (0, 1) or None, got {exponent!r}")
+        if not isinstance(self.reuse_prefix, bool):
+            raise ValueError(f"reuse_prefix must be True or False, got {self.reuse_prefix!r}")
         for name in ("max_channels", "max_passes", "window", "stride"):
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1):
@@ -241,29 +253,20 @@ def verify(
 ) -> tuple[list[SuperWeight], float, float | None]:
     """Measure each candidate: perplexity with it zeroed over the baseline.
 
+    The measurement (prefix reuse, screening) is :func:`sw_hooks.verify.measure_impacts`.
+
     Returns ``(candidates with impact and verdict, baseline perplexity, joint ablation ratio)``.
     """
     options = options or DetectionOptions()
-
-    def measure() -> float:
-        return perplexity(model, calibration, window=options.window, stride=options.stride)
-
-    baseline = measure()
-    verified = []
-    for i, candidate in enumerate(candidates, 1):
-        with ablate(model, [candidate]):
-            ratio = measure() / baseline
-        if progress:
-            progress(
-                f"verify {i}/{len(candidates)}: layer {candidate.layer} "
-                f"[{candidate.row}, {candidate.col}] x{ratio:.2f}"
-            )
-        verified.append(candidate.with_impact(ratio, options.min_impact))
-    joint = None
-    if candidates:
-        with ablate(model, list(candidates)):
-            joint = measure() / baseline
-    return verified, baseline, joint
+    settings = VerifySettings(
+        min_impact=options.min_impact,
+        window=options.window,
+        stride=options.stride,
+        reuse_prefix=options.reuse_prefix,
+        screen_exponent=options.screen_exponent,
+    )
+    measured = measure_impacts(model, candidates, calibration, settings, progress=progress)
+    return measured.weights, measured.baseline_perplexity, measured.joint_ratio
 
 
 def run_detection(

@@ -27,6 +27,7 @@ are in memory at a time.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -186,12 +187,18 @@ class _Runner:
         self.forwards += 1.0
         return logits
 
+    def cost(self, start: int | None) -> float:
+        """Forward-equivalents of a run from block ``start``: the share of blocks it runs."""
+        if not self.reuse or not start:
+            return 1.0
+        return (self.total_blocks - start) / self.total_blocks
+
     def run(self, chunk: torch.Tensor, start: int | None) -> torch.Tensor:
         """Logits with blocks before ``start`` replayed from the baseline (``None``: full)."""
         if not self.reuse or not start or start - 1 not in self.kept:
             self.forwards += 1.0
             return _logits(self.model, chunk, self.device)
-        self.forwards += (self.total_blocks - start) / self.total_blocks
+        self.forwards += self.cost(start)
         with replayed_prefix(self.blocks, start, self.kept[start - 1]):
             return _logits(self.model, chunk, self.device)
 
@@ -230,25 +237,24 @@ def measure_impacts(
         joint_start = None
     baseline, joint, first_window = _Loss(), _Loss(), _Loss()
     windows = list(_window_batches(ids, settings.window, settings.stride))
+    started = time.perf_counter()
     for index, (chunk, targets) in enumerate(windows):
-        starts = {s.block for s in states if s.block is not None}
-        base_logits = runner.baseline(chunk, starts)
+        base_logits = runner.baseline(chunk, {s.block for s in states if s.block is not None})
         baseline.add(base_logits, targets)
-        if index == 0 and runner.reuse and starts:
-            runner.reuse = _replay_is_exact(runner, chunk, min(starts), base_logits)
-        for state in states:
-            if not state.screened:
-                with ablate(model, [state.weight]):
-                    state.loss.add(runner.run(chunk, state.block), targets)
-        if states:
-            with ablate(model, [s.weight for s in states]):
-                joint.add(runner.run(chunk, joint_start), targets)
+        if index == 0 and runner.reuse and joint_start is not None:
+            runner.reuse = _replay_is_exact(runner, chunk, joint_start, base_logits)
+        _measure_window(model, runner, states, joint, joint_start, chunk, targets)
         if index == 0:
             first_window = _Loss(baseline.total, baseline.tokens)
             if len(windows) > 1:
                 _screen(states, first_window, settings)
         if progress:
-            progress(f"verify window {index + 1}/{len(windows)}: {runner.forwards:.1f} forwards")
+            left = (len(windows) - index - 1) * _window_cost(runner, states, joint_start)
+            seconds = (time.perf_counter() - started) / runner.forwards * left
+            progress(
+                f"verify window {index + 1}/{len(windows)}: {runner.forwards:.1f} forwards "
+                f"so far, about {seconds:.0f} s left"
+            )
     measured = [
         _verdict(s, first_window if s.screened else baseline, settings, progress) for s in states
     ]
@@ -259,6 +265,31 @@ def measure_impacts(
         runner.forwards,
         runner.reuse,
     )
+
+
+def _measure_window(
+    model: nn.Module,
+    runner: _Runner,
+    states: list[_Candidate],
+    joint: _Loss,
+    joint_start: int | None,
+    chunk: torch.Tensor,
+    targets: torch.Tensor,
+) -> None:
+    """Each candidate still measured, then all of them together, on one window."""
+    for state in states:
+        if not state.screened:
+            with ablate(model, [state.weight]):
+                state.loss.add(runner.run(chunk, state.block), targets)
+    if states:
+        with ablate(model, [s.weight for s in states]):
+            joint.add(runner.run(chunk, joint_start), targets)
+
+
+def _window_cost(runner: _Runner, states: list[_Candidate], joint_start: int | None) -> float:
+    """Forward-equivalents one more window costs: baseline, candidates left, joint."""
+    active = [runner.cost(s.block) for s in states if not s.screened]
+    return 1.0 + sum(active) + (runner.cost(joint_start) if states else 0.0)
 
 
 def _block_of(model: nn.Module, weight: SuperWeight) -> tuple[nn.ModuleList | None, int | None]:

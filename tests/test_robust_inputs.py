@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from sw_hooks.masks import ablate, scale
 from sw_hooks.models import ModelNotFoundError, check_gguf, load_model, tokenize
 from sw_hooks.record import record
 from sw_hooks.results import DetectionResult, SuperWeight, load_super_weights
-from sw_hooks.testing import planted_llama
+from sw_hooks.testing import planted_llama, tiny_model
 
 FAST = settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -188,15 +189,63 @@ def test_not_gguf_is_a_clear_error(tmp_path):
     [
         (["detect", "--min-impact", "nan"], "min_impact"),
         (["detect", "--spike-factor", "-3"], "spike_factor"),
-        (["detect", "--json", "/no/such/folder/out.json"], "does not exist"),
         (["detect", "{bad}.gguf"], "no such GGUF file"),
+        (["quantize", "--bits", "1"], "bits must be an integer from 2 to 8"),
+        (["quantize", "--holdout", "down_proj"], "--holdout takes MODULE:ROW:COL"),
     ],
 )
 def test_cli_bad_input_exits_2_with_one_line(argv, message, capsys, tmp_path):
-    assert main([*argv, "--quiet"]) == 2
+    out = tmp_path / "result.json"  # a good output path: the bad input must stop the run first
+    assert main([*argv, "--json", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["detect", "quantize"])
+def test_cli_refuses_an_output_folder_that_does_not_exist(command, capsys, tmp_path):
+    out = tmp_path / "no" / "such" / "folder" / "out.json"
+    assert main([command, "--json", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"folder {out.parent} does not exist" in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []  # no folder made on the way
+
+
+def _save_pickle_checkpoint(folder: Path) -> None:
+    """A tiny Llama as ``save_pretrained(safe_serialization=False)`` wrote it (transformers < 5)."""
+    model = tiny_model("llama", num_layers=1)
+    model.config.save_pretrained(folder)
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+
+
+def test_pickle_only_checkpoint_is_refused_by_name(tmp_path):
+    _save_pickle_checkpoint(tmp_path)
+    with pytest.raises(ValueError, match=r"only pickle weights \(pytorch_model\.bin\)"):
+        load_model(tmp_path)
+    (tmp_path / "pytorch_model.bin").unlink()
+    with pytest.raises(ValueError, match="holds no weights"):
+        load_model(tmp_path)
+
+
+def test_hub_ids_load_safetensors_only(monkeypatch):
+    import transformers
+
+    calls: list[dict] = []
+
+    def from_pretrained(source, **kwargs):
+        calls.append({"source": source, **kwargs})
+        return torch.nn.Linear(1, 1)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    load_model("HuggingFaceTB/SmolLM2-135M")
+    tokenizer_call, model_call = calls
+    assert model_call["source"] == "HuggingFaceTB/SmolLM2-135M"
+    assert model_call["use_safetensors"] is True
+    assert "use_safetensors" not in tokenizer_call
+    with pytest.raises(ValueError, match="safetensors only"):
+        load_model("HuggingFaceTB/SmolLM2-135M", use_safetensors=False)
+    assert len(calls) == 2
 
 
 def test_cli_rejects_whitespace_text_file(tmp_path, capsys):

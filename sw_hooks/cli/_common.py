@@ -1,4 +1,8 @@
-"""What every subcommand shares: loading the model and text, progress, clear errors."""
+"""What every subcommand shares: its model arguments, loading the model and text, progress.
+
+Every subcommand checks all of its arguments first and loads the model last, so bad input
+costs no model load; :class:`CliError` is printed as one line with exit status 2.
+"""
 
 from __future__ import annotations
 
@@ -12,20 +16,48 @@ from typing import Any
 
 import torch
 
+MIN_TOKENS = 2
+
 
 class CliError(Exception):
     """A problem with the user's input: printed as one line, exit status 2."""
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", nargs="?", default=None,
-                        help="Hugging Face id, local directory or .gguf file (default: embedded SmolLM2-135M)")
+    parser.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="Hugging Face id, local directory or .gguf file (default: embedded SmolLM2-135M)",
+    )
     parser.add_argument("--gguf", default=None, help="GGUF file name inside a MODEL directory")
-    parser.add_argument("--text", type=Path, default=None,
-                        help="calibration/evaluation text file (default: Python's bundled pydoc text)")
-    parser.add_argument("--max-tokens", type=int, default=1024,
-                        help="tokens of the text used for perplexity (default: 1024)")
+    parser.add_argument(
+        "--text",
+        type=Path,
+        default=None,
+        help="calibration/evaluation text file (default: Python's bundled pydoc text)",
+    )
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=1024,
+        help="tokens of the text used for perplexity (default: 1024)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    parser.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="convert a GGUF model afresh instead of reading its cached copy "
+        "(SW_HOOKS_NO_CACHE=1 does the same; SW_HOOKS_CACHE_DIR moves the cache)",
+    )
+
+
+def check_model_arguments(args: argparse.Namespace) -> None:
+    """Check the arguments of :func:`add_model_arguments` that need no file read."""
+    if args.max_tokens < MIN_TOKENS:
+        raise CliError(f"--max-tokens must be at least {MIN_TOKENS}, got {args.max_tokens}")
+    if args.gguf is not None and args.model is None:
+        raise CliError("--gguf names a file inside a MODEL folder; give that folder as MODEL")
 
 
 def progress(message: str, *, quiet: bool = False) -> None:
@@ -44,15 +76,24 @@ def step(message: str, *, quiet: bool = False) -> Iterator[None]:
 
 def load_model_for_cli(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, str]:
     """``(model, tokenizer, display name)``, turning loading errors into :class:`CliError`."""
-    from sw_hooks.models import DEFAULT_MODEL, load_model
+    from sw_hooks.models import DEFAULT_MODEL, check_model_spec, load_model
 
     name = args.model or DEFAULT_MODEL
     try:
+        check_model_spec(args.model, gguf_file=args.gguf)
+        if args.quiet:
+            _hide_transformers_progress()
         with step(f"loading {name}", quiet=args.quiet):
-            model, tokenizer = load_model(args.model, gguf_file=args.gguf)
-    except (FileNotFoundError, ValueError, TypeError, OSError) as error:
-        raise CliError(str(error).splitlines()[0]) from None
+            model, tokenizer = load_model(args.model, gguf_file=args.gguf, cache=not args.no_cache)
+    except (ValueError, TypeError, OSError) as error:
+        raise CliError(first_line(error)) from None
     return model, tokenizer, name
+
+
+def _hide_transformers_progress() -> None:
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
 
 
 def read_text(path: Path | None, max_chars: int = 200_000) -> str:
@@ -65,19 +106,25 @@ def read_text(path: Path | None, max_chars: int = 200_000) -> str:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise CliError(f"no such text file: {path}") from None
-    except (UnicodeDecodeError, IsADirectoryError, PermissionError) as error:
+    except (UnicodeDecodeError, OSError) as error:
         raise CliError(f"cannot read text file {path}: {type(error).__name__}") from None
     if not text.strip():
         raise CliError(f"text file {path} is empty")
     return text[:max_chars]
 
 
-def token_ids(tokenizer: Any, text: str, max_tokens: int, *, prepend_bos: bool = False) -> torch.Tensor:
+def token_ids(
+    tokenizer: Any, text: str, max_tokens: int, *, prepend_bos: bool = False
+) -> torch.Tensor:
     from sw_hooks.models import tokenize
 
-    if max_tokens < 2:
-        raise CliError(f"--max-tokens must be at least 2, got {max_tokens}")
     try:
         return tokenize(tokenizer, text, max_tokens=max_tokens, prepend_bos=prepend_bos)
     except ValueError as error:
         raise CliError(str(error)) from None
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message as one line (its type name when it has none)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -9,12 +9,15 @@ from pathlib import Path
 from sw_hooks.cli._common import (
     CliError,
     add_model_arguments,
+    check_model_arguments,
     load_model_for_cli,
     progress,
     read_text,
     step,
     token_ids,
 )
+from sw_hooks.cli._paths import check_output_file, write_output
+from sw_hooks.detect import DetectionOptions, run_detection
 from sw_hooks.results import DetectionResult
 
 PROMPT_TOKENS = 128
@@ -56,13 +59,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sw_hooks.detect import DetectionOptions, run_detection
-
-    try:
-        options = DetectionOptions(min_impact=args.min_impact, spike_factor=args.spike_factor)
-    except ValueError as error:
-        raise CliError(str(error)) from None
-    _check_output(args.json_out)
+    options = _options(args)
+    check_model_arguments(args)
+    check_output_file(args.json_out, "--json")
+    if args.prompt is not None and not args.prompt.strip():
+        raise CliError("--prompt is empty")
     text = read_text(args.text)
     model, tokenizer, name = load_model_for_cli(args)
     calibration = token_ids(tokenizer, text, args.max_tokens, prepend_bos=args.bos)
@@ -71,30 +72,29 @@ def run(args: argparse.Namespace) -> int:
         if args.prompt is not None
         else calibration[:, :PROMPT_TOKENS]
     )
-    try:
-        with step("detecting", quiet=args.quiet):
-            result = run_detection(
-                model,
-                prompt,
-                calibration=calibration,
-                verify_impact=not args.no_verify,
-                options=options,
-                model_name=name,
-                prepend_bos=args.bos,
-                progress=lambda line: progress(line, quiet=args.quiet),
-            )
-    except ValueError as error:
-        raise CliError(str(error).splitlines()[0]) from None
+    with step("detecting", quiet=args.quiet):
+        result = run_detection(
+            model,
+            prompt,
+            calibration=calibration,
+            verify_impact=not args.no_verify,
+            options=options,
+            model_name=name,
+            prepend_bos=args.bos,
+            progress=lambda line: progress(line, quiet=args.quiet),
+        )
     print(format_table(result))
     if args.json_out is not None:
-        args.json_out.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        write_output(args.json_out, json.dumps(result.to_dict(), indent=2) + "\n")
         progress(f"wrote {args.json_out}", quiet=args.quiet)
     return 0
 
 
-def _check_output(path: Path | None) -> None:
-    if path is not None and not path.parent.exists():
-        raise CliError(f"cannot write {path}: folder {path.parent} does not exist")
+def _options(args: argparse.Namespace) -> DetectionOptions:
+    try:
+        return DetectionOptions(min_impact=args.min_impact, spike_factor=args.spike_factor)
+    except ValueError as error:
+        raise CliError(str(error)) from None
 
 
 def format_table(result: DetectionResult) -> str:

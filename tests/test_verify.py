@@ -93,8 +93,9 @@ def test_prefix_reuse_costs_fewer_forwards_than_full_passes(planted):
     assert reused.weights[0].impact == pytest.approx(plain.weights[0].impact, rel=1e-5)
     windows = 7  # 256 tokens, window 64, stride 32
     assert plain.forwards == pytest.approx(windows * 3)
-    # The decoy sits in the last of 4 blocks: baseline, replay check and 2 x 1/4 block.
-    assert reused.forwards == pytest.approx(windows * 1.5 + 0.25)
+    # The decoy sits in the last of 4 blocks: per window the baseline and 2 x 1/4 block;
+    # once, the replay check on 32 of the window's 64 tokens (a baseline and 1/4 block).
+    assert reused.forwards == pytest.approx(windows * 1.5 + 0.5 * 1.25)
 
 
 class _Carry(nn.Module):

@@ -1,34 +1,87 @@
 """Detection with verification on SmolLM2-135M (loading excluded), and magnitude top-k throughput.
 
-python benchmarks/bench_detect.py [--tokens 512] [--repeats 5]
+Verification is timed three ways in one interleaved run: the previous method (every
+candidate and the joint ablation over every window, full forwards), with prefix reuse,
+and with prefix reuse and screening (the default). Times are also given in
+forward-equivalents: over one plain 512-token forward timed in the same run.
+
+python benchmarks/bench_detect.py [--tokens 1024] [--prompt-tokens 128] [--repeats 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
 from sw_hooks import calibration_text, load_model, tokenize
-from sw_hooks.detect import run_detection
+from sw_hooks.detect import DetectionOptions, forward_on_device, run_detection
 from sw_hooks.magnitude import decoder_linears, largest_weights
 
-from _common import interleaved, write
+from _common import interleaved, paired_ratio, time_call, write
+
+VARIANTS = {
+    "previous (full forwards)": {"reuse_prefix": False, "screen_exponent": None},
+    "prefix reuse": {"reuse_prefix": True, "screen_exponent": None},
+    "prefix reuse + screening (default)": {},
+}
+
+
+def compare_verification(model, calibration, prompt, repeats: int) -> dict[str, object]:
+    """Detection with verification under each variant, interleaved, in forward-equivalents."""
+    forward = statistics.median(
+        time_call(lambda: forward_on_device(model, calibration[:, :512])) for _ in range(3)
+    )
+    results: dict[str, object] = {}
+
+    def run(name: str):
+        def call() -> None:
+            options = DetectionOptions(**VARIANTS[name])
+            results[name] = run_detection(model, prompt, calibration=calibration, options=options)
+
+        return call
+
+    times = interleaved({name: run(name) for name in VARIANTS}, repeats, warmup=0)
+    rows = {}
+    reference = results["previous (full forwards)"]
+    for name in VARIANTS:
+        seconds = statistics.median(times[name])
+        result = results[name]
+        drift = max(
+            abs(new.impact / old.impact - 1)
+            for new, old in zip(result.super_weights, reference.super_weights, strict=True)
+        )
+        same = [w.verdict for w in result.super_weights] == [
+            w.verdict for w in reference.super_weights
+        ]
+        rows[name] = {
+            "seconds": seconds,
+            "forward_equivalents": seconds / forward,
+            "vs_previous": paired_ratio(times, name, "previous (full forwards)"),
+            "same_verdicts": same,
+            "max_impact_change": drift,
+            "impacts": [w.impact for w in result.super_weights],
+        }
+        print(
+            f"{name:38s} {seconds:6.1f} s  {seconds / forward:5.1f} forwards  "
+            f"x{rows[name]['vs_previous']:.2f}  verdicts same: {same}  "
+            f"max impact change {drift:.2%}"
+        )
+    return {"forward_seconds": forward, "variants": rows}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--tokens", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     model, tokenizer = load_model()
     calibration = tokenize(tokenizer, calibration_text(), max_tokens=args.tokens)
-
-    start = time.perf_counter()
-    result = run_detection(model, calibration[:, :128], calibration=calibration)
-    detect_seconds = time.perf_counter() - start
+    prompt = calibration[:, : args.prompt_tokens]
+    verification = compare_verification(model, calibration, prompt, args.repeats)
+    result = run_detection(model, prompt, calibration=calibration)
 
     linears = decoder_linears(model)
     all_params = {
@@ -52,8 +105,8 @@ def main() -> None:
     topk_s = statistics.median(times["streamed top-k"])
     floor_s = statistics.median(times["abs().max() pass"])
     print(
-        f"detection + verification, {args.tokens} calibration tokens: {detect_seconds:.1f} s "
-        f"({len(result.super_weights)} candidates, {len(result.verified)} super, {result.passes} passes)"
+        f"{args.tokens} calibration tokens: {len(result.super_weights)} candidates, "
+        f"{len(result.verified)} super, {result.passes} passes"
     )
     print(
         f"magnitude top-k over {len(all_params)} matrices, {weight_bytes / 2**20:.0f} MiB: "
@@ -64,7 +117,8 @@ def main() -> None:
         "detect",
         {
             "tokens": args.tokens,
-            "detect_seconds": detect_seconds,
+            "prompt_tokens": args.prompt_tokens,
+            "verification": verification,
             "candidates": len(result.super_weights),
             "super": [w.to_dict() for w in result.verified],
             "decoder_linears": len(linears),

@@ -20,7 +20,7 @@ import torch
 
 from sw_hooks.metrics import ChannelMax
 from sw_hooks.monitor import SpikeTracker, metric_values
-from sw_hooks.record import record
+from sw_hooks.record import LOCATED_CHANNELS, record
 
 
 def load(name: str):
@@ -40,8 +40,15 @@ def step(model, optimizer, ids) -> None:
     optimizer.step()
 
 
+VARIANTS = {
+    "monitored, 32 largest located (default)": LOCATED_CHANNELS,
+    "monitored, every channel located (previous)": True,
+    "monitored, no locations": False,
+}
+
+
 def monitored_step(
-    model, optimizer, ids, metric: ChannelMax, tracker: SpikeTracker, n: int, locations: bool = True
+    model, optimizer, ids, metric: ChannelMax, tracker: SpikeTracker, n: int, locations
 ) -> None:
     with record(model, locations=locations) as recorder:
         step(model, optimizer, ids)
@@ -56,7 +63,7 @@ def monitored_step(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2", choices=["tiny", "smollm2"])
-    parser.add_argument("--steps", type=int, default=6, help="pairs of steps timed")
+    parser.add_argument("--steps", type=int, default=6, help="rounds of steps timed")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--batch", type=int, default=2)
     args = parser.parse_args()
@@ -67,40 +74,36 @@ def main() -> None:
     metric, tracker = ChannelMax.for_model(model), SpikeTracker()
     ids = torch.randint(0, vocab, (args.batch, args.tokens))
     step(model, optimizer, ids)  # warm-up
-    monitored_step(model, optimizer, ids, metric, tracker, 0)
-    plain, monitored, light = [], [], []
+    monitored_step(model, optimizer, ids, metric, tracker, 0, LOCATED_CHANNELS)
+    plain: list[float] = []
+    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for n in range(args.steps):
         start = time.perf_counter()
         step(model, optimizer, ids)
         plain.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        monitored_step(model, optimizer, ids, metric, tracker, n + 1)
-        monitored.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        monitored_step(model, optimizer, ids, metric, tracker, n + 1, locations=False)
-        light.append(time.perf_counter() - start)
-    ratios = [m / p for m, p in zip(monitored, plain, strict=True)]
-    light_ratios = [m / p for m, p in zip(light, plain, strict=True)]
+        for name, locations in VARIANTS.items():
+            start = time.perf_counter()
+            monitored_step(model, optimizer, ids, metric, tracker, n + 1, locations)
+            times[name].append(time.perf_counter() - start)
     result = {
         "model": args.model,
         "batch": args.batch,
         "tokens": args.tokens,
         "steps": args.steps,
         "plain_step_s_median": statistics.median(plain),
-        "monitored_step_s_median": statistics.median(monitored),
-        "overhead_ratio_median": statistics.median(ratios),
-        "overhead_of_medians": statistics.median(monitored) / statistics.median(plain) - 1,
-        "no_locations_step_s_median": statistics.median(light),
-        "no_locations_ratio_median": statistics.median(light_ratios),
+        "variants": {
+            name: {
+                "step_s_median": statistics.median(t),
+                "ratio_median": statistics.median(m / p for m, p in zip(t, plain, strict=True)),
+            }
+            for name, t in times.items()
+        },
         "torch_threads": torch.get_num_threads(),
     }
-    print(f"{'':<28}{'median s':>10}")
-    print(f"{'plain AdamW step':<28}{result['plain_step_s_median']:>10.4f}")
-    print(f"{'monitored step (every step)':<28}{result['monitored_step_s_median']:>10.4f}")
-    print(f"{'per-pair ratio, median':<28}{result['overhead_ratio_median']:>10.4f}")
-    print(f"{'monitored, no locations':<28}{result['no_locations_step_s_median']:>10.4f}")
-    print(f"{'per-pair ratio, median':<28}{result['no_locations_ratio_median']:>10.4f}")
-    print(f"{'overhead of medians':<28}{result['overhead_of_medians']:>+10.2%}")
+    print(f"{'':<46}{'median s':>10}{'vs plain':>10}")
+    print(f"{'plain AdamW step':<46}{result['plain_step_s_median']:>10.4f}{1.0:>10.4f}")
+    for name, row in result["variants"].items():
+        print(f"{name:<46}{row['step_s_median']:>10.4f}{row['ratio_median']:>10.4f}")
     out = Path(__file__).parent / "results" / "monitor.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

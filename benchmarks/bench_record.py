@@ -1,5 +1,8 @@
 """Recorder overhead on SmolLM2-135M: no hooks vs the recorder vs capturing full tensors.
 
+The recorder runs three ways: locating the 32 largest channels of each call (the default),
+locating every channel (the previous default) and locating none.
+
 One interleaved run, batch 1 x 512 tokens on the CPU; reports median paired ratios, and
 the recorder's state size at 128 and 2048 tokens (it must not grow with length).
 
@@ -49,6 +52,10 @@ def main() -> None:
         with record(model, modules), torch.no_grad():
             model(ids)
 
+    def recorded_every_location():  # the previous default: a location for every channel
+        with record(model, modules, locations=True), torch.no_grad():
+            model(ids)
+
     def recorded_light():
         with record(model, modules, locations=False), torch.no_grad():
             model(ids)
@@ -63,7 +70,8 @@ def main() -> None:
 
     variants = {
         "no hooks": plain,
-        "recorder": recorded,
+        "recorder (32 largest located, default)": recorded,
+        "recorder, every channel located (previous)": recorded_every_location,
         "recorder, no locations": recorded_light,
         "full capture": captured,
     }

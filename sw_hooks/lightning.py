@@ -48,7 +48,7 @@ from sw_hooks.monitor import (
     fold_recording,
     qualify,
 )
-from sw_hooks.record import ChannelStats, Recorder, record
+from sw_hooks.record import LOCATED_CHANNELS, ChannelStats, Locations, Recorder, record
 from sw_hooks.results import SuperWeight
 
 SUPPORTED_STRATEGIES = (SingleDeviceStrategy, DDPStrategy, ModelParallelStrategy)
@@ -121,9 +121,9 @@ class SuperWeightMonitor(Callback):
         prefix: the first component of every logged name.
         require_logger: refuse a trainer without loggers (``False`` keeps only warnings
             and state).
-        record_locations: keep the token position of each maximum. ``False`` records
-            magnitudes only (positions -1): measured 1.2% instead of 3.2% of a SmolLM2
-            training step when recording every step.
+        record_locations: which channels keep the token position of their maximum, as
+            ``record(locations=...)``: the 32 largest of each recording by default,
+            ``True`` every channel, ``False`` none (magnitudes only, positions -1).
         strict: raise :class:`~sw_hooks.monitor.NonFiniteActivationError` on a non-finite
             activation instead of skipping that recording.
 
@@ -145,7 +145,7 @@ class SuperWeightMonitor(Callback):
         spike_options: dict[str, Any] | None = None,
         prefix: str = "sw",
         require_logger: bool = True,
-        record_locations: bool = True,
+        record_locations: Locations = LOCATED_CHANNELS,
         strict: bool = False,
     ) -> None:
         if not isinstance(every_n_steps, int) or every_n_steps < 1:

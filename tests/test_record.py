@@ -203,3 +203,42 @@ def test_without_locations_same_maxima_and_signs_cheaper_path(planted):
             a, b = getattr(stats, side), getattr(light.stats[name], side)
             assert torch.equal(a.abs_max, b.abs_max) and torch.equal(a.value, b.value)
             assert (b.token == -1).all() and (b.batch == -1).all()
+
+
+def test_located_channels_are_the_largest_and_exact():
+    x = torch.randn(2, 40, 64)
+    x[1, 7, 12] = -50.0  # a negative spike: its value and place must come out exactly
+    full = channel_maxima(x, locations=True)
+    some = channel_maxima(x, locations=5)
+    assert torch.equal(some.abs_max, full.abs_max) and torch.equal(some.value, full.value)
+    located = (some.token >= 0).nonzero().flatten()
+    assert set(located.tolist()) == set(full.abs_max.topk(5).indices.tolist())
+    assert torch.equal(some.token[located], full.token[located])
+    assert torch.equal(some.batch[located], full.batch[located])
+    assert (int(some.token[12]), int(some.batch[12]), float(some.value[12])) == (7, 1, -50.0)
+    assert bool((some.batch[some.token < 0] == -1).all())
+
+
+def test_recorder_keeps_exact_locations_of_the_largest_channels_over_calls(planted):
+    calls = [planted.calibration_ids(length=24, seed=seed) for seed in range(3)]
+    recorded = {}
+    for locations in (True, 4):
+        with record(planted.model, locations=locations) as rec, torch.no_grad():
+            for ids in calls:
+                planted.model(ids)
+        recorded[locations] = rec.stats
+    for name, full in recorded[True].items():
+        some = recorded[4][name].output
+        assert torch.equal(some.abs_max, full.output.abs_max)
+        kept = some.token >= 0
+        assert int(kept.sum()) >= 4  # the last call's four largest at least
+        assert torch.equal(some.token[kept], full.output.token[kept])
+    spike = recorded[4]["model.layers.1.mlp.down_proj"].output
+    assert int(spike.token[5]) >= 0  # the super activation's row is always located
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, "all"])
+def test_bad_locations_are_refused_before_hooking(planted, bad):
+    with pytest.raises(ValueError, match="locations must be"):
+        record(planted.model, locations=bad)
+    assert all(not m._forward_hooks for m in planted.model.modules())

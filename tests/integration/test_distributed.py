@@ -52,7 +52,7 @@ def test_ddp_monitor_reduces_maxima_like_one_process(tmp_path) -> None:
     found = [(e["kind"], e["module"], e["row"], e["col"]) for e in ranks[0]["tracker"]["events"]]
     assert found == [("found", "net." + SUPER[0], 5, 17), ("found", "net." + DECOY[0], 9, 33)]
     planted = planted_llama()
-    with record(planted.model) as reference, torch.no_grad():
+    with record(planted.model, locations=True) as reference, torch.no_grad():
         for sequence in sequences():
             planted.model(sequence[None])
     for rank in ranks:
@@ -89,7 +89,7 @@ def ddp_main(out: Path) -> None:
         def configure_optimizers(self):
             return torch.optim.AdamW(self.parameters(), lr=0.0)  # weights stay put
 
-    monitor = SuperWeightMonitor(every_n_steps=1)
+    monitor = SuperWeightMonitor(every_n_steps=1, record_locations=True)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,

@@ -125,7 +125,7 @@ def test_record_wrapper_takes_the_mask_given_to_the_inner_model() -> None:
         )
         for name in (f"model.layers.{i}.mlp.down_proj" for i in range(6))
     ]
-    with record(wrapper) as rec, torch.no_grad():
+    with record(wrapper, locations=True) as rec, torch.no_grad():
         wrapper(batch)
     for handle in handles:
         handle.remove()

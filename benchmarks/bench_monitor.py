@@ -75,16 +75,20 @@ def main() -> None:
     ids = torch.randint(0, vocab, (args.batch, args.tokens))
     step(model, optimizer, ids)  # warm-up
     monitored_step(model, optimizer, ids, metric, tracker, 0, LOCATED_CHANNELS)
-    plain: list[float] = []
-    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    runs = {"plain": lambda n: step(model, optimizer, ids)}
+    for name, locations in VARIANTS.items():
+        runs[name] = lambda n, where=locations: monitored_step(
+            model, optimizer, ids, metric, tracker, n + 1, where
+        )
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
     for n in range(args.steps):
-        start = time.perf_counter()
-        step(model, optimizer, ids)
-        plain.append(time.perf_counter() - start)
-        for name, locations in VARIANTS.items():
+        # Rotate the order every round, so no variant always follows the same one.
+        for name in names[n % len(names) :] + names[: n % len(names)]:
             start = time.perf_counter()
-            monitored_step(model, optimizer, ids, metric, tracker, n + 1, locations)
+            runs[name](n)
             times[name].append(time.perf_counter() - start)
+    plain = times.pop("plain")
     result = {
         "model": args.model,
         "batch": args.batch,

@@ -28,6 +28,7 @@ from torch import nn
 
 from sw_hooks.access import WeightElement, oriented_weight
 from sw_hooks.locate import find_down_projections, is_transposed, layer_index
+from sw_hooks.results import SuperWeight
 
 ARCHITECTURES: tuple[str, ...] = (
     "llama",
@@ -161,6 +162,27 @@ class PlantedModel:
     @property
     def decoys(self) -> list[PlantedWeight]:
         return [p for p in self.planted if p.target_token is None]
+
+    def recorded_super_weight(self, ids: torch.Tensor, **record_options: Any) -> SuperWeight:
+        """The first causal planted weight as a ``SuperWeight``, its activation recorded on ``ids``.
+
+        ``record_options`` go to :func:`~sw_hooks.record.record` (e.g. ``locations=False``).
+        """
+        from sw_hooks.record import record
+
+        p = self.causal[0]
+        with record(self.model, **record_options) as recorder, torch.no_grad():
+            self.model(ids)
+        outputs = recorder.stats[p.module].output
+        return SuperWeight(
+            p.module,
+            p.layer,
+            p.row,
+            p.col,
+            p.value,
+            output_activation=float(outputs.value[p.row]),
+            token_position=int(outputs.token[p.row]),
+        )
 
     def prompt(self) -> torch.Tensor:
         """One short sequence holding every trigger once, ``[1, T]``."""

@@ -6,7 +6,6 @@ import torch.nn.functional as F
 
 from sw_hooks.impact import compare, impact, perplexity, table1, windows
 from sw_hooks.masks import ablate
-from sw_hooks.record import record
 from sw_hooks.results import SuperWeight
 
 
@@ -57,26 +56,9 @@ def _trigger_first_ids(planted, rows=4, length=8):
     return ids
 
 
-def _recorded_super(planted, ids):
-    """The causal super weight with the output activation and token recorded on ``ids``."""
-    p = planted.causal[0]
-    with record(planted.model) as rec, torch.no_grad():
-        planted.model(ids)
-    outputs = rec.stats[p.module].output
-    return SuperWeight(
-        p.module,
-        p.layer,
-        p.row,
-        p.col,
-        p.value,
-        output_activation=float(outputs.value[p.row]),
-        token_position=int(outputs.token[p.row]),
-    )
-
-
 def test_table1_rows(planted):
     ids = _trigger_first_ids(planted)
-    weight = _recorded_super(planted, ids)
+    weight = planted.recorded_super_weight(ids)
     assert weight.token_position == 0 and weight.output_activation > 100.0
     rows = table1(planted.model, ids, [weight], outliers_per_matrix=1)
     names = [r.condition for r in rows]

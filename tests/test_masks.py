@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from sw_hooks.masks import ablate, preserve, restore_activation, scale
-from sw_hooks.record import record
 from sw_hooks.results import SuperWeight
 from sw_hooks.testing import tiny_model
 
@@ -98,20 +97,8 @@ def test_single_super_weight_and_conv1d():
 
 
 def test_restore_activation_puts_the_super_activation_back(planted):
-    p = planted.causal[0]
     prompt = planted.prompt()
-    with record(planted.model) as rec, torch.no_grad():
-        planted.model(prompt)
-    stats = rec.stats[p.module].output
-    sw = SuperWeight(
-        p.module,
-        p.layer,
-        p.row,
-        p.col,
-        p.value,
-        output_activation=float(stats.value[p.row]),
-        token_position=int(stats.token[p.row]),
-    )
+    sw = planted.recorded_super_weight(prompt)
     with torch.no_grad():
         original = planted.model(prompt).logits
         with ablate(planted.model, [sw]):

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from sw_hooks.masks import ablate, restore_activation
-from sw_hooks.record import record
 from sw_hooks.results import SuperWeight
 from sw_hooks.testing import PlantedModel
 
@@ -18,22 +17,6 @@ NEW_TOKENS = 6
 def _prompt(*fillers: int) -> torch.Tensor:
     """The causal trigger (token 1) at position 0, then filler tokens."""
     return torch.tensor([[1, *fillers]])
-
-
-def _recorded_super_weight(planted: PlantedModel, ids: torch.Tensor, **options) -> SuperWeight:
-    p = planted.causal[0]
-    with record(planted.model, **options) as rec, torch.no_grad():
-        planted.model(ids)
-    stats = rec.stats[p.module].output
-    return SuperWeight(
-        p.module,
-        p.layer,
-        p.row,
-        p.col,
-        p.value,
-        output_activation=float(stats.value[p.row]),
-        token_position=int(stats.token[p.row]),
-    )
 
 
 def _generate(planted: PlantedModel, ids: torch.Tensor, use_cache: bool):
@@ -60,7 +43,7 @@ def _generate_restored(planted: PlantedModel, ids: torch.Tensor, sw: SuperWeight
 
 def test_cached_generation_restores_only_at_the_recorded_token(planted):
     ids = _prompt(20, 21, 22)
-    sw = _recorded_super_weight(planted, ids)
+    sw = planted.recorded_super_weight(ids)
     assert sw.token_position == 0 and sw.output_activation > 10.0
     cached_tokens, cached_scores = _generate_restored(planted, ids, sw, use_cache=True)
     full_tokens, full_scores = _generate_restored(planted, ids, sw, use_cache=False)
@@ -71,7 +54,7 @@ def test_cached_generation_restores_only_at_the_recorded_token(planted):
 
 def test_the_activation_restored_in_the_prompt_reaches_cached_decoding(planted):
     ids = _prompt(20, 21, 22)
-    sw = _recorded_super_weight(planted, ids)
+    sw = planted.recorded_super_weight(ids)
     with ablate(planted.model, [sw]):
         _, pruned_scores = _generate(planted, ids, use_cache=True)
     _, restored_scores = _generate_restored(planted, ids, sw, use_cache=True)
@@ -81,7 +64,7 @@ def test_the_activation_restored_in_the_prompt_reaches_cached_decoding(planted):
 
 def test_batched_generation_with_and_without_cache(planted):
     ids = torch.cat([_prompt(20, 21, 22), _prompt(40, 41, 42)])
-    sw = _recorded_super_weight(planted, ids[:1])
+    sw = planted.recorded_super_weight(ids[:1])
     cached_tokens, cached_scores = _generate_restored(planted, ids, sw, use_cache=True)
     full_tokens, full_scores = _generate_restored(planted, ids, sw, use_cache=False)
     assert cached_scores.shape[1] == 2
@@ -95,7 +78,7 @@ def test_batched_generation_with_and_without_cache(planted):
 
 def test_unknown_token_position_is_refused_before_any_hook(planted):
     ids = _prompt(20, 21, 22)
-    sw = _recorded_super_weight(planted, ids, locations=False)
+    sw = planted.recorded_super_weight(ids, locations=False)
     assert sw.token_position == -1
     down = planted.model.get_submodule(sw.module)
     with pytest.raises(ValueError, match=rf"{sw.module}.*\[5, 17\].*token position -1"):

@@ -18,6 +18,7 @@ trustworthy:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -228,6 +229,7 @@ def find_candidates(
     modules = find_down_projections(model)
     found: list[SuperWeight] = []
     passes = 0
+    started = time.perf_counter()
     for passes in range(1, options.max_passes + 1):
         with ablate(model, found), record(model, modules) as recorder:
             forward_on_device(model, inputs)
@@ -236,7 +238,10 @@ def find_candidates(
             c for c in spike_candidates(model, recorder.stats, options) if c.module not in explained
         ]
         if progress:
-            progress(f"pass {passes}: {len(new)} new candidate(s)")
+            # Passes stop when one finds nothing new: the estimate is an upper bound.
+            left = (options.max_passes - passes) * (time.perf_counter() - started) / passes
+            more = f"; at most {left:.0f} s left" if new and passes < options.max_passes else ""
+            progress(f"pass {passes}: {len(new)} new candidate(s){more}")
         if not new:
             break
         found += new

@@ -20,7 +20,13 @@ from pathlib import Path
 import torch
 
 from sw_hooks.models import load_model
-from sw_hooks.quantize import choose_qparams, fake_quantize, quantize_tensor, select_modules
+from sw_hooks.quantize import (
+    QuantConfig,
+    choose_qparams,
+    fake_quantize,
+    quantize_tensor,
+    select_modules,
+)
 
 RESULTS = Path(__file__).parent / "results" / "quantize.json"
 
@@ -33,6 +39,11 @@ def loop_quantize(weight: torch.Tensor, bits: int, block_size: int) -> torch.Ten
         block = flat[start : start + block_size].reshape(1, -1)
         out[start : start + block_size] = fake_quantize(block, choose_qparams(block, bits))[0]
     return out.reshape(weight.shape).to(weight.dtype)
+
+
+def vectorized_quantize(weight: torch.Tensor, bits: int, block_size: int) -> torch.Tensor:
+    """The library's vectorized path, called like :func:`loop_quantize`."""
+    return quantize_tensor(weight, QuantConfig(bits, block_size))
 
 
 def time_all(weights: list[torch.Tensor], quantize, bits: int, block_size: int) -> float:
@@ -98,12 +109,12 @@ def main() -> None:
     for size, (subset, _) in plans.items():
         for weight in subset[:2]:  # same numbers from both sides before timing anything
             expected = loop_quantize(weight, args.bits, size)
-            assert torch.allclose(quantize_tensor(weight, args.bits, size), expected, atol=1e-6)
+            assert torch.allclose(vectorized_quantize(weight, args.bits, size), expected, atol=1e-6)
     timings: dict[int, tuple[list[float], list[float]]] = {size: ([], []) for size in sizes}
     for _ in range(args.repeats):  # interleaved: a busy spell slows both sides alike
         for size in sizes:
             subset, scale_up = plans[size]
-            timings[size][0].append(time_all(weights, quantize_tensor, args.bits, size))
+            timings[size][0].append(time_all(weights, vectorized_quantize, args.bits, size))
             timings[size][1].append(time_all(subset, loop_quantize, args.bits, size) * scale_up)
     rows = [summary(size, weights, *timings[size], plans[size][1]) for size in sizes]
     print(

@@ -19,7 +19,7 @@ import torch
 
 from sw_hooks.impact import perplexity
 from sw_hooks.models import calibration_text, load_model, tokenize
-from sw_hooks.quantize import quantize_activations, quantize_model
+from sw_hooks.quantize import QuantConfig, quantize_activations, quantize_model
 
 RESULTS = Path(__file__).parent / "results" / "quantize_sweep.json"
 SUPER_WEIGHT = ("model.layers.11.mlp.down_proj", 507, 1229)
@@ -43,13 +43,14 @@ def main() -> None:
     runs = []
     for bits, size, clip in itertools.product(args.bits, args.block_sizes, args.clips):
         row = {"bits": bits, "block_size": size, "clip": clip}
+        config = QuantConfig(bits, size, clip=clip)
         for held in (False, True):
-            with quantize_model(model, bits, size, clip=clip, holdout=[SUPER_WEIGHT] * held):
+            with quantize_model(model, config, holdout=[SUPER_WEIGHT] * held):
                 row["holdout" if held else "no_holdout"] = measure()
         print(row, flush=True)
         runs.append(row)
     activations = {}
-    with quantize_model(model, 8, 128):
+    with quantize_model(model, QuantConfig(8, 128)):
         for held in (False, True):
             with quantize_activations(model, 8, holdout=[SUPER_WEIGHT] if held else None):
                 activations["holdout" if held else "no_holdout"] = measure()

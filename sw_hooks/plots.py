@@ -406,7 +406,7 @@ def quantization_sweep(
         baseline: the unquantized perplexity, drawn as a dotted line.
 
     Example:
-        >>> fig = quantization_sweep(holdout_sweep(model, settings, sws, measure), base)  # doctest: +SKIP
+        >>> fig = quantization_sweep(holdout_sweep(model, configs, sws, measure), base)  # doctest: +SKIP
     """
     if isinstance(runs, Mapping):
         baseline = runs.get("baseline_perplexity", baseline)

@@ -10,6 +10,12 @@ Everything here is *fake* quantization: a tensor is quantized and dequantized ba
 own dtype and shape, so the model runs as usual and only the rounding error is simulated.
 All block work is vectorized: a tensor is reshaped to ``[blocks, block elements]`` and
 every statistic is one reduction along the last axis.
+
+In torchao's shape: one frozen :class:`~sw_hooks.quant_config.QuantConfig` says how to
+quantize, and every entry point takes it: ``quantize_tensor(tensor, config, holdout=...)``,
+``quantize_model(model, config, holdout=..., modules=...)`` and
+``holdout_sweep(model, configs, super_weights, measure)``. ``holdout`` is the elements of
+the tensor to keep in ``quantize_tensor``, and the super weights to keep everywhere else.
 """
 
 from __future__ import annotations
@@ -19,7 +25,6 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
@@ -34,148 +39,51 @@ from sw_hooks.access import (
     oriented_weight,
 )
 from sw_hooks.locate import is_linear_like, layer_index
+from sw_hooks.quant_config import (
+    MAX_BITS,
+    MIN_BITS,
+    BlockShape,
+    BlockSize,
+    ClipConfig,
+    IQRClip,
+    QuantConfig,
+    TopFractionClip,
+    ZScoreClip,
+    check_bits,
+    parse_clip,
+    quant_grid,
+)
 
-MIN_BITS = 2
-MAX_BITS = 8
+__all__ = [
+    "MAX_BITS",
+    "MIN_BITS",
+    "BlockShape",
+    "BlockSize",
+    "ClipConfig",
+    "IQRClip",
+    "ModuleFilter",
+    "QuantConfig",
+    "QuantParams",
+    "QuantizedModel",
+    "SweepRun",
+    "TopFractionClip",
+    "ZScoreClip",
+    "check_bits",
+    "choose_qparams",
+    "fake_quantize",
+    "holdout_mask",
+    "holdout_sweep",
+    "parse_clip",
+    "quant_grid",
+    "quantize_activation_tokens",
+    "quantize_activations",
+    "quantize_model",
+    "quantize_tensor",
+    "resolve_holdout",
+    "select_modules",
+]
 
-BlockShape = Literal["1d", "2d"]
-BlockSize = int | tuple[int, int]
 ModuleFilter = Callable[[str, nn.Module], bool]
-
-
-# --------------------------------------------------------------------------- clipping configs
-
-
-@dataclass(frozen=True)
-class ZScoreClip:
-    """Clamp ``|w|`` to ``mean + z * std`` of ``|w|``, per block (the paper's clipping).
-
-    Example:
-        >>> ZScoreClip(6.0)
-        ZScoreClip(z=6.0)
-    """
-
-    z: float
-
-    def __post_init__(self) -> None:
-        _check_positive("z-score threshold", self.z)
-
-    def __str__(self) -> str:
-        return f"zscore:{self.z:g}"
-
-
-@dataclass(frozen=True)
-class TopFractionClip:
-    """Clamp the largest ``fraction`` of ``|w|`` to the largest value left unclipped.
-
-    ``per="block"`` ranks within each block; ``per="tensor"`` ranks within the whole tensor.
-
-    Example:
-        >>> TopFractionClip(0.001, per="tensor")
-        TopFractionClip(fraction=0.001, per='tensor')
-    """
-
-    fraction: float
-    per: Literal["block", "tensor"] = "block"
-
-    def __post_init__(self) -> None:
-        if not _is_number(self.fraction) or not 0.0 <= self.fraction < 1.0:
-            raise ValueError(f"top fraction must be in [0, 1), got {self.fraction!r}")
-        if self.per not in ("block", "tensor"):
-            raise ValueError(f"top-fraction clipping is per 'block' or 'tensor', got {self.per!r}")
-
-    def __str__(self) -> str:
-        return f"top{'-tensor' if self.per == 'tensor' else ''}:{self.fraction:g}"
-
-
-@dataclass(frozen=True)
-class IQRClip:
-    """Clamp ``w`` to ``[Q1 - k * IQR, Q3 + k * IQR]`` per block (Tukey's fences).
-
-    Example:
-        >>> IQRClip(3.0)
-        IQRClip(k=3.0)
-    """
-
-    k: float = 1.5
-
-    def __post_init__(self) -> None:
-        _check_positive("IQR multiplier", self.k)
-
-    def __str__(self) -> str:
-        return f"iqr:{self.k:g}"
-
-
-ClipConfig = ZScoreClip | TopFractionClip | IQRClip
-_CLIP_KINDS: dict[str, Callable[[float], ClipConfig]] = {
-    "zscore": ZScoreClip,
-    "top": TopFractionClip,
-    "top-tensor": lambda f: TopFractionClip(f, per="tensor"),
-    "iqr": IQRClip,
-}
-
-
-def parse_clip(spec: str | ClipConfig | None) -> ClipConfig | None:
-    """A clip config from ``"zscore:6"``, ``"top:0.001"``, ``"top-tensor:0.001"``, ``"iqr:1.5"``.
-
-    ``None``, ``""`` and ``"none"`` mean no clipping; a config object passes through.
-
-    Example:
-        >>> parse_clip("zscore:6")
-        ZScoreClip(z=6.0)
-    """
-    if spec is None or isinstance(spec, ZScoreClip | TopFractionClip | IQRClip):
-        return spec
-    if not isinstance(spec, str):
-        raise TypeError(f"clip must be a clip config or a string, got {type(spec).__name__}")
-    if spec.strip().lower() in ("", "none"):
-        return None
-    kind, _, value = spec.strip().lower().partition(":")
-    if kind not in _CLIP_KINDS:
-        raise ValueError(
-            f"unknown clip {spec!r}; use one of {', '.join(_CLIP_KINDS)} as KIND:VALUE"
-        )
-    try:
-        number = float(value)
-    except ValueError:
-        raise ValueError(f"clip {spec!r} needs a number after the colon, e.g. zscore:6") from None
-    return _CLIP_KINDS[kind](number)
-
-
-# --------------------------------------------------------------------------- argument checks
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_positive(what: str, value: object) -> None:
-    if not _is_number(value) or value <= 0:
-        raise ValueError(f"{what} must be a positive number, got {value!r}")
-
-
-def check_bits(bits: object) -> int:
-    """``bits`` as an int, or a clear ``ValueError`` unless it is an integer from 2 to 8."""
-    if not isinstance(bits, int) or isinstance(bits, bool) or not MIN_BITS <= bits <= MAX_BITS:
-        raise ValueError(f"bits must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r}")
-    return bits
-
-
-def _check_block(block_size: object, block_shape: object) -> tuple[int, ...]:
-    """The block as ``(n,)`` for 1-D or ``(rows, cols)`` for 2-D tiles."""
-    if block_shape not in ("1d", "2d"):
-        raise ValueError(f"block_shape must be '1d' or '2d', got {block_shape!r}")
-    sizes = block_size if isinstance(block_size, tuple) else (block_size,)
-    if block_shape == "2d" and len(sizes) == 1:
-        sizes = sizes * 2
-    if len(sizes) != (1 if block_shape == "1d" else 2):
-        raise ValueError(
-            f"a {block_shape} block size has {len(sizes)} too many dimensions: {block_size!r}"
-        )
-    for size in sizes:
-        if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
-            raise ValueError(f"block size must be a positive integer, got {block_size!r}")
-    return tuple(sizes)
 
 
 # --------------------------------------------------------------------------- blocks
@@ -347,65 +255,66 @@ def holdout_mask(shape: Sequence[int], holdout: object) -> torch.Tensor:
     return mask
 
 
+def _require_config(config: object) -> QuantConfig:
+    if not isinstance(config, QuantConfig):
+        raise TypeError(
+            f"config must be a QuantConfig (e.g. QuantConfig(bits=4, block_size=64)), "
+            f"got {type(config).__name__}"
+        )
+    return config
+
+
 def quantize_tensor(
-    w: torch.Tensor,
-    bits: int,
-    block_size: BlockSize,
+    tensor: torch.Tensor,
+    config: QuantConfig,
     *,
-    symmetric: bool = False,
-    block_shape: BlockShape = "1d",
-    clip: ClipConfig | str | None = None,
     holdout: torch.Tensor | Iterable[Sequence[int]] | None = None,
 ) -> torch.Tensor:
-    """Fake-quantize ``w`` blockwise with round-to-nearest: same shape and dtype, new tensor.
+    """Fake-quantize ``tensor`` blockwise with round-to-nearest: same shape and dtype, new tensor.
+
+    A block size that does not divide the tensor is zero padded; padding never enters a
+    block's range or statistics.
 
     Args:
-        w: a floating-point tensor (any shape for 1-D blocks; 2-D for tiles).
-        bits: 2 to 8.
-        block_size: elements per 1-D block (contiguous chunks of the flattened tensor, as the
-            paper's code does), or the tile ``(rows, cols)`` (an int means square) for 2-D.
-            A size that does not divide the tensor is zero padded; padding never enters a
-            block's range or statistics.
-        symmetric: symmetric signed codes instead of min-max with a zero-point.
-        block_shape: ``"1d"`` or ``"2d"``.
-        clip: outlier clipping applied per block before the range is taken: a
-            :class:`ZScoreClip`, :class:`TopFractionClip`, :class:`IQRClip` or a string for
-            :func:`parse_clip`.
-        holdout: a boolean mask of ``w``'s shape or index tuples; those elements are left out
-            of their block's range and of clipping, and come back bit-exact.
+        tensor: a floating-point tensor (any shape for 1-D blocks; 2-D for tiles).
+        config: bits, block, symmetry and clipping (see :class:`QuantConfig`).
+        holdout: elements of ``tensor`` to keep, as a boolean mask of its shape or as index
+            tuples into it; they are left out of their block's range and of clipping, and
+            come back bit-exact.
 
     Raises:
-        ValueError: bits outside 2..8, a block size <= 0, an unknown clip, a holdout index
-            outside ``w``, or 2-D tiles on a tensor that is not 2-D.
+        TypeError: ``config`` is not a :class:`QuantConfig`, or ``tensor`` is not floating.
+        ValueError: a holdout index outside ``tensor``, or 2-D tiles on a tensor that is not 2-D.
 
     Example:
         >>> w = torch.tensor([0.0, 0.1, 0.2, 0.3, 3.0])
-        >>> quantize_tensor(w, 2, 5).tolist()
+        >>> quantize_tensor(w, QuantConfig(2, 5)).tolist()
         [0.0, 0.0, 0.0, 0.0, 3.0]
-        >>> quantize_tensor(w, 2, 5, holdout=[(4,)]).tolist()
+        >>> quantize_tensor(w, QuantConfig(2, 5), holdout=[(4,)]).tolist()
         [0.0, 0.10000000149011612, 0.20000000298023224, 0.30000001192092896, 3.0]
     """
-    bits = check_bits(bits)
-    block = _check_block(block_size, block_shape)
-    clip = parse_clip(clip)
-    if not isinstance(w, torch.Tensor) or not w.is_floating_point():
-        raise TypeError(f"expected a floating-point tensor, got {getattr(w, 'dtype', type(w))}")
-    if block_shape == "2d" and w.dim() != 2:
-        raise ValueError(f"2-D tiles need a 2-D tensor, got shape {tuple(w.shape)}")
-    held = None if holdout is None else holdout_mask(w.shape, holdout).to(w.device)
-    work_dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
-    blocks = _to_blocks(w.detach().to(work_dtype), block)
+    config = _require_config(config)
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+        raise TypeError(
+            f"expected a floating-point tensor, got {getattr(tensor, 'dtype', type(tensor))}"
+        )
+    if config.block_shape == "2d" and tensor.dim() != 2:
+        raise ValueError(f"2-D tiles need a 2-D tensor, got shape {tuple(tensor.shape)}")
+    block = config.block
+    held = None if holdout is None else holdout_mask(tensor.shape, holdout).to(tensor.device)
+    work_dtype = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    blocks = _to_blocks(tensor.detach().to(work_dtype), block)
     valid = None
-    if held is not None or blocks.numel() != w.numel():
+    if held is not None or blocks.numel() != tensor.numel():
         # Padding enters as zeros in ``keep`` too, so it is invalid like a held-out element.
-        keep = torch.ones_like(w, dtype=work_dtype) if held is None else (~held).to(work_dtype)
+        keep = torch.ones_like(tensor, dtype=work_dtype) if held is None else (~held).to(work_dtype)
         valid = _to_blocks(keep, block) > 0
-    if clip is not None:
+    if config.clip is not None:
         all_valid = torch.ones_like(blocks, dtype=torch.bool) if valid is None else valid
-        blocks = _clip_blocks(blocks, all_valid, clip)
-    params = choose_qparams(blocks, bits, symmetric=symmetric, valid=valid)
-    result = _from_blocks(fake_quantize(blocks, params), block, w.shape).to(w.dtype)
-    return result if held is None else torch.where(held, w.detach(), result)
+        blocks = _clip_blocks(blocks, all_valid, config.clip)
+    params = choose_qparams(blocks, config.bits, symmetric=config.symmetric, valid=valid)
+    result = _from_blocks(fake_quantize(blocks, params), block, tensor.shape).to(tensor.dtype)
+    return result if held is None else torch.where(held, tensor.detach(), result)
 
 
 # --------------------------------------------------------------------------- whole models
@@ -470,40 +379,6 @@ def select_modules(
     return chosen
 
 
-class QuantizedModel:
-    """What :func:`quantize_model` changed, and the originals to put back.
-
-    ``restore()`` writes every original weight back bit for bit (idempotent); the object
-    is also a context manager that restores on exit.
-    """
-
-    def __init__(self, originals: dict[str, tuple[nn.Module, torch.Tensor]], held_out: int):
-        self._originals = originals
-        self.held_out = held_out
-
-    @property
-    def modules(self) -> list[str]:
-        return list(self._originals)
-
-    @property
-    def active(self) -> bool:
-        return bool(self._originals)
-
-    def restore(self) -> None:
-        """Put every original weight back (bit-exact), newest first."""
-        with torch.no_grad():
-            while self._originals:
-                name = next(reversed(self._originals))
-                module, original = self._originals.pop(name)
-                module.weight.copy_(original)
-
-    def __enter__(self) -> QuantizedModel:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.restore()
-
-
 def resolve_holdout(
     model: nn.Module, holdout: Iterable[Coordinate] | None
 ) -> dict[str, list[tuple[int, int]]]:
@@ -519,7 +394,7 @@ def resolve_holdout(
     """
     if holdout is None:
         return {}
-    if hasattr(holdout, "super_weights"):  # a DetectionResult: hold out every candidate
+    if hasattr(holdout, "super_weights"):  # a DetectionResult: its super_weights
         holdout = holdout.super_weights
     grouped: dict[str, list[tuple[int, int]]] = {}
     for coordinate in holdout:
@@ -533,70 +408,129 @@ def resolve_holdout(
     return grouped
 
 
+class QuantizedModel:
+    """Fake-quantizes a model's linear weights and puts the originals back, bit for bit.
+
+    Made directly, it checks everything when made and changes nothing until ``__enter__``
+    (or :meth:`apply`), like the weight masks: ``with QuantizedModel(model, config): ...``.
+    :func:`quantize_model` is the verb (torchao's ``quantize_``): it makes one and applies
+    it at once, so a plain call quantizes; entering the handle it returns keeps the weights
+    as they are (they are already quantized) and leaving restores them.
+
+    Args:
+        model: the model (its weights are changed in place while applied).
+        config: how to quantize (see :class:`QuantConfig`).
+        holdout: the super weights to keep in full precision: ``SuperWeight`` objects or
+            ``(module, row, col)`` coordinates (a ``DetectionResult`` stands for its
+            ``super_weights``), or ``None``. Coordinates in modules that are not quantized
+            are checked and then need nothing more.
+        modules: which modules (see :func:`select_modules`); default: every linear weight
+            but the embeddings and the LM head.
+
+    Raises:
+        TypeError: ``config`` is not a :class:`QuantConfig`.
+        ValueError: a module is missing or not Linear-like, or a coordinate lies outside
+            its weight (before any weight is touched).
+
+    Example:
+        >>> from sw_hooks.testing import tiny_model
+        >>> model = tiny_model("llama", num_layers=1)
+        >>> quantized = QuantizedModel(model, QuantConfig(4, 64))
+        >>> quantized.active
+        False
+        >>> with quantized:
+        ...     quantized.active
+        True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: QuantConfig,
+        *,
+        holdout: Iterable[Coordinate] | None = None,
+        modules: str | Sequence[str] | ModuleFilter | None = None,
+    ) -> None:
+        self.config = _require_config(config)
+        self._chosen = select_modules(model, modules)
+        self._held = resolve_holdout(model, holdout)
+        self.held_out = sum(len(self._held.get(name, ())) for name in self._chosen)
+        self._originals: dict[str, tuple[nn.Module, torch.Tensor]] = {}
+
+    @property
+    def modules(self) -> list[str]:
+        """The names of the modules this quantizes."""
+        return list(self._chosen)
+
+    @property
+    def active(self) -> bool:
+        """Whether the weights are quantized now (applied and not yet restored)."""
+        return bool(self._originals)
+
+    def apply(self) -> QuantizedModel:
+        """Quantize every chosen weight in place, remembering the original first.
+
+        An error midway restores every weight already changed before it propagates.
+        """
+        if self.active:
+            raise RuntimeError("this model is already quantized; restore() it first")
+        try:
+            with torch.no_grad():
+                for name, module in self._chosen.items():
+                    self._originals[name] = (module, module.weight.detach().clone())
+                    view = oriented_weight(module)
+                    mask = holdout_mask(oriented_shape(module), self._held.get(name, ()))
+                    view.copy_(quantize_tensor(view, self.config, holdout=mask))
+        except BaseException:
+            self.restore()
+            raise
+        return self
+
+    def restore(self) -> None:
+        """Put every original weight back (bit-exact), newest first (idempotent)."""
+        with torch.no_grad():
+            while self._originals:
+                name = next(reversed(self._originals))
+                module, original = self._originals.pop(name)
+                module.weight.copy_(original)
+
+    def __enter__(self) -> QuantizedModel:
+        return self if self.active else self.apply()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.restore()
+
+
 def quantize_model(
     model: nn.Module,
-    bits: int,
-    block_size: BlockSize,
+    config: QuantConfig,
     *,
-    modules: str | Sequence[str] | ModuleFilter | None = None,
-    clip: ClipConfig | str | None = None,
     holdout: Iterable[Coordinate] | None = None,
-    symmetric: bool = False,
-    block_shape: BlockShape = "1d",
+    modules: str | Sequence[str] | ModuleFilter | None = None,
 ) -> QuantizedModel:
-    """Fake-quantize the chosen linear weights in place; hold the super weights out.
+    """Fake-quantize the chosen linear weights in place now; hold the super weights out.
 
     Blocks run along each weight in ``[out, in]`` order (GPT-2's transposed ``Conv1D``
     included), so block boundaries and holdout coordinates mean the same on every
     architecture. Every argument and coordinate is checked before any weight is touched.
 
     Args:
-        model: the model (its weights are changed in place).
-        bits, block_size, clip, symmetric, block_shape: as for :func:`quantize_tensor`.
-        modules: which modules (see :func:`select_modules`); default: every linear weight
-            but the embeddings and the LM head.
-        holdout: super weights (``SuperWeight`` objects, ``(module, row, col)`` tuples, or a
-            ``DetectionResult``) kept in full precision. Coordinates in modules that are not
-            quantized are checked and then need nothing more.
+        model, config, holdout, modules: as for :class:`QuantizedModel`. ``holdout`` is
+            the super weights to keep (coordinates or ``SuperWeight`` objects), or ``None``.
 
     Returns:
-        A :class:`QuantizedModel`; ``.restore()`` undoes everything without reloading.
+        The applied :class:`QuantizedModel`; ``.restore()`` or leaving its ``with`` block
+        undoes everything without reloading.
 
     Example:
         >>> from sw_hooks.testing import tiny_model
         >>> model = tiny_model("llama", num_layers=1)
         >>> sw = ("model.layers.0.mlp.down_proj", 3, 5)
-        >>> with quantize_model(model, 4, 64, clip="zscore:6", holdout=[sw]) as q:
+        >>> with quantize_model(model, QuantConfig(4, 64, clip="zscore:6"), holdout=[sw]) as q:
         ...     len(q.modules)
         7
     """
-    bits = check_bits(bits)
-    _check_block(block_size, block_shape)
-    clip = parse_clip(clip)
-    chosen = select_modules(model, modules)
-    held = resolve_holdout(model, holdout)
-    originals: dict[str, tuple[nn.Module, torch.Tensor]] = {}
-    handle = QuantizedModel(originals, held_out=sum(len(held.get(n, ())) for n in chosen))
-    try:
-        with torch.no_grad():
-            for name, module in chosen.items():
-                originals[name] = (module, module.weight.detach().clone())
-                view = oriented_weight(module)
-                mask = holdout_mask(oriented_shape(module), held.get(name, ()))
-                quantized = quantize_tensor(
-                    view,
-                    bits,
-                    block_size,
-                    symmetric=symmetric,
-                    block_shape=block_shape,
-                    clip=clip,
-                    holdout=mask,
-                )
-                view.copy_(quantized)
-    except BaseException:
-        handle.restore()
-        raise
-    return handle
+    return QuantizedModel(model, config, holdout=holdout, modules=modules).apply()
 
 
 # --------------------------------------------------------------------------- activations
@@ -708,59 +642,56 @@ def quantize_activations(
 
 @dataclass(frozen=True)
 class SweepRun:
-    """One quantization setting's score, with or without the super weights held out."""
+    """One quantization setting's score, with or without the super weights held out.
 
-    bits: int
-    block_size: int
-    clip: str
-    holdout: bool
+    ``to_dict`` flattens the config beside ``"holdout"`` (the same boolean, under the key
+    the report, ``sw-hooks quantize --json`` and the plots read) and ``"perplexity"``.
+    """
+
+    config: QuantConfig
+    super_weights_held_out: bool
     perplexity: float
 
     def to_dict(self) -> dict[str, object]:
         return {
-            "bits": self.bits,
-            "block_size": self.block_size,
-            "clip": self.clip,
-            "holdout": self.holdout,
+            **self.config.to_dict(),
+            "holdout": self.super_weights_held_out,
             "perplexity": self.perplexity,
         }
 
 
 def holdout_sweep(
     model: nn.Module,
-    settings: Iterable[tuple[int, int, ClipConfig | str | None]],
-    holdout: Iterable[Coordinate],
+    configs: Iterable[QuantConfig],
+    super_weights: Iterable[Coordinate],
     measure: Callable[[], float],
     *,
     progress: Callable[[str], None] | None = None,
 ) -> list[SweepRun]:
-    """Score the model quantized at each ``(bits, block_size, clip)``, without and with holdout.
+    """Score the model quantized with each config, without and then with ``super_weights`` held out.
 
     The model is quantized in place for each run and restored bit for bit before the next
     one (and after an exception). ``measure`` scores the quantized model; the sweep is
-    blind to what it measures, so callers pass perplexity on their own tokens.
+    blind to what it measures, so callers pass perplexity on their own tokens. The configs
+    and coordinates are all checked before the first run.
 
     Example:
         >>> from sw_hooks.testing import tiny_model
         >>> model = tiny_model("llama", num_layers=1)
         >>> sw = [("model.layers.0.mlp.down_proj", 3, 5)]
-        >>> runs = holdout_sweep(model, [(4, 64, "zscore:6")], sw, lambda: 1.0)
-        >>> [(r.block_size, r.holdout) for r in runs]
+        >>> runs = holdout_sweep(model, [QuantConfig(4, 64, clip="zscore:6")], sw, lambda: 1.0)
+        >>> [(r.config.block_size, r.super_weights_held_out) for r in runs]
         [(64, False), (64, True)]
     """
-    weights = list(holdout)
+    configs = [_require_config(config) for config in configs]
+    weights = list(super_weights)
+    resolve_holdout(model, weights)
     runs = []
-    for bits, block_size, clip in settings:
-        clip = parse_clip(clip)
-        for held in (False, True):
-            with quantize_model(
-                model, bits, block_size, clip=clip, holdout=weights if held else None
-            ):
+    for config in configs:
+        for held_out in (False, True):
+            with quantize_model(model, config, holdout=weights if held_out else None):
                 value = measure()
-            run = SweepRun(bits, block_size, str(clip or "none"), held, value)
             if progress:
-                progress(
-                    f"{bits} bits, block {block_size}, clip {run.clip}, holdout {held}: {value:.2f}"
-                )
-            runs.append(run)
+                progress(f"{config}, super weights held out: {held_out}: {value:.2f}")
+            runs.append(SweepRun(config, held_out, value))
     return runs

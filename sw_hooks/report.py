@@ -22,10 +22,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from sw_hooks.quant_config import QuantConfig, ZScoreClip, quant_grid
 from sw_hooks.results import DetectionResult, SuperWeight
 
 Progress = Callable[[str], None]
 REPORT_SCHEMA_VERSION = 1
+
+
+REPORT_BLOCK_SIZES = (128, 1024, 4096)
+REPORT_CLIP = ZScoreClip(6.0)
 
 
 @dataclass(frozen=True)
@@ -34,17 +39,22 @@ class ReportOptions:
 
     Attributes:
         prompt_tokens: tokens recorded for detection (the start of the text).
-        bits, block_sizes, clip: the quantization sweep (each setting runs with and
-            without the super weights held out); no block sizes: no sweep.
+        quantization: the sweep's settings, each run with and without the super weights
+            held out; ``()``: no sweep. Default: 4 bits at block sizes 128, 1024 and 4096
+            with ``zscore:6`` clipping (build others with :func:`~sw_hooks.quant_config.quant_grid`).
         radius: the weight heat map shows ``2 * radius + 1`` rows and columns.
         window, stride: perplexity windows.
         max_traced: at most this many super weights get a residual-stream trace and a heat map.
+
+    Example:
+        >>> from sw_hooks.quant_config import quant_grid
+        >>> options = ReportOptions(quantization=quant_grid([3], [64, 1024], ["zscore:6"]))
+        >>> [config.block_size for config in options.quantization]
+        [64, 1024]
     """
 
     prompt_tokens: int = 128
-    bits: tuple[int, ...] = (4,)
-    block_sizes: tuple[int, ...] = (128, 1024, 4096)
-    clip: str = "zscore:6"
+    quantization: tuple[QuantConfig, ...] = quant_grid([4], REPORT_BLOCK_SIZES, [REPORT_CLIP])
     radius: int = 8
     window: int = 512
     stride: int = 256
@@ -53,8 +63,15 @@ class ReportOptions:
     def __post_init__(self) -> None:
         if self.prompt_tokens < 2 or self.radius < 0 or self.max_traced < 1:
             raise ValueError("prompt_tokens >= 2, radius >= 0 and max_traced >= 1 are required")
-        if not self.bits:
-            raise ValueError("the quantization sweep needs at least one bits value")
+        configs = tuple(self.quantization)
+        if not all(isinstance(config, QuantConfig) for config in configs):
+            raise ValueError("quantization takes QuantConfig objects, e.g. quant_grid(...)")
+        object.__setattr__(self, "quantization", configs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON: each quantization config as :meth:`QuantConfig.to_dict`."""
+        fields = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        return {**fields, "quantization": [config.to_dict() for config in self.quantization]}
 
 
 @dataclass
@@ -180,7 +197,7 @@ def collect_report(
         tokens=int(ids.shape[1]),
         detection=result.to_dict(),
         layer_peaks=layer_peaks(recorder.stats),
-        options=asdict(options),
+        options=options.to_dict(),
     )
     shown = _shown(result)
     if shown:
@@ -188,7 +205,7 @@ def collect_report(
         data.impact = timer.run(
             "impact (Table 1)", lambda: _impact(model, tokenizer, ids, result, options, progress)
         )
-    if options.block_sizes:
+    if options.quantization:
         data.quantization = timer.run(
             "quantization sweep", lambda: _sweep(model, ids, shown, options, progress)
         )
@@ -253,8 +270,7 @@ def _sweep(
     def measure() -> float:
         return perplexity(model, ids, window=options.window, stride=options.stride)
 
-    settings = [(bits, size, options.clip) for bits in options.bits for size in options.block_sizes]
-    runs = holdout_sweep(model, settings, shown, measure, progress=progress)
+    runs = holdout_sweep(model, options.quantization, shown, measure, progress=progress)
     return {"baseline_perplexity": measure(), "runs": [run.to_dict() for run in runs]}
 
 

@@ -274,13 +274,15 @@ def test_guard_holds_a_fused_expert_weight_through_adamw(mode):
 
 
 def test_quantize_refuses_expert_holdout_clearly():
-    from sw_hooks.quantize import quantize_model
+    from sw_hooks.quantize import QuantConfig, quantize_model
 
     planted = planted_moe("mixtral")
     weight = next(p for p in planted.planted if getattr(p, "expert", None) is not None)
     with pytest.raises(ValueError, match="fused expert"):
         quantize_model(
-            planted.model, 4, 64, holdout=[(weight.module, weight.expert, weight.row, weight.col)]
+            planted.model,
+            QuantConfig(4, 64),
+            holdout=[(weight.module, weight.expert, weight.row, weight.col)],
         )
 
 

@@ -16,7 +16,7 @@ import torch
 from sw_hooks import plots
 from sw_hooks.detect import run_detection
 from sw_hooks.impact import perplexity, table1
-from sw_hooks.quantize import holdout_sweep
+from sw_hooks.quantize import QuantConfig, holdout_sweep
 from sw_hooks.record import record
 from sw_hooks.results import DetectionResult
 from sw_hooks.testing import PlantedModel, planted_llama
@@ -115,7 +115,7 @@ def test_quantization_sweep_draws_both_holdout_lines(planted_result, tmp_path) -
     ids = planted.calibration_ids()
     runs = holdout_sweep(
         planted.model,
-        [(3, 64, "zscore:3"), (3, 512, "zscore:3")],
+        [QuantConfig(3, 64, clip="zscore:3"), QuantConfig(3, 512, clip="zscore:3")],
         result.verified,
         lambda: perplexity(planted.model, ids),
     )

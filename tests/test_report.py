@@ -9,12 +9,15 @@ import pytest
 import torch
 
 from sw_hooks.cli import main
+from sw_hooks.quant_config import QuantConfig, quant_grid
 from sw_hooks.report import ReportData, ReportOptions, collect_report, write_report
 from sw_hooks.testing import planted_llama
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PLANTED = ("model.layers.1.mlp.down_proj", 5, 17)
-OPTIONS = ReportOptions(prompt_tokens=8, block_sizes=(64, 1024), radius=4)
+OPTIONS = ReportOptions(
+    prompt_tokens=8, quantization=quant_grid([4], [64, 1024], ["zscore:6"]), radius=4
+)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +61,7 @@ def test_report_files_are_written_and_json_holds_every_number(report) -> None:
     assert f"{data.impact[1]['perplexity']:.2f}" in markdown  # the table shows the JSON's number
     saved = json.loads((out / "report.json").read_text())
     assert ReportData.from_dict(saved).impact == data.impact
-    assert saved["options"]["block_sizes"] == [64, 1024]
+    assert [c["block_size"] for c in saved["options"]["quantization"]] == [64, 1024]
 
 
 def test_report_shows_progress_per_stage(report) -> None:
@@ -74,7 +77,7 @@ def test_report_json_errors_are_clear() -> None:
     with pytest.raises(ValueError, match="lacks"):
         ReportData.from_dict({"schema_version": 1, "model": "x"})
     with pytest.raises(ValueError, match="at least one"):
-        ReportOptions(bits=())
+        ReportOptions(quantization=quant_grid([], [64]))
 
 
 class CharTokenizer:
@@ -126,10 +129,11 @@ def test_holdout_sweep_keeps_held_weights_exact_and_restores_the_model() -> None
     seen: list[float] = []
     runs = holdout_sweep(
         planted.model,
-        [(3, 64, "zscore:1")],
+        [QuantConfig(3, 64, clip="zscore:1")],
         [PLANTED],
         lambda: seen.append(weight[5, 17].item()) or 1.0,
     )
-    assert [(r.holdout, r.clip) for r in runs] == [(False, "zscore:1"), (True, "zscore:1")]
+    held_and_clip = [(r.super_weights_held_out, str(r.config.clip)) for r in runs]
+    assert held_and_clip == [(False, "zscore:1"), (True, "zscore:1")]
     assert seen[0] != 8.0 and seen[1] == 8.0  # clipped without holdout, exact with it
     assert all(torch.equal(v, planted.model.state_dict()[k]) for k, v in before.items())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,9 @@ from sw_hooks.cli._common import (
     token_ids,
 )
 from sw_hooks.cli._paths import check_output_file, write_output
+from sw_hooks.quant_config import QuantConfig, quant_grid
+
+DEFAULTS = QuantConfig()
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,21 +41,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         action="append",
         default=None,
-        help="bits per weight, 2 to 8 (repeatable; default: 4)",
+        help=f"bits per weight, 2 to 8 (repeatable; default: {DEFAULTS.bits})",
     )
     parser.add_argument(
         "--block-size",
         type=int,
         action="append",
         default=None,
-        help="elements per 1-D block (repeatable; default: 4096)",
+        help=f"elements per 1-D block (repeatable; default: {DEFAULTS.block_size})",
     )
     parser.add_argument(
         "--clip",
         action="append",
         default=None,
         help="outlier clipping: none, zscore:Z, top:F, top-tensor:F, iqr:K "
-        "(repeatable; default: none)",
+        f"(repeatable; default: {DEFAULTS.clip or 'none'})",
     )
     given = parser.add_mutually_exclusive_group()
     given.add_argument(
@@ -73,22 +75,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _settings(args: argparse.Namespace) -> list[tuple[int, int, Any]]:
-    """Every (bits, block size, clip) combination, all checked before the model loads."""
-    from sw_hooks.quantize import check_bits, parse_clip
+def _configs(args: argparse.Namespace) -> tuple[QuantConfig, ...]:
+    """Every (bits, block size, clip) config, all checked before the model loads.
 
-    bits = args.bits or [4]
-    sizes = args.block_size or [4096]
-    try:
-        for value in bits:
-            check_bits(value)
-        clips = [parse_clip(spec) for spec in (args.clip or ["none"])]
-    except (ValueError, TypeError) as error:
-        raise CliError(str(error)) from None
+    Unset flags take :class:`QuantConfig`'s own defaults.
+    """
+    sizes = args.block_size or [DEFAULTS.block_size]
     for size in sizes:
         if size <= 0:
             raise CliError(f"--block-size must be a positive integer, got {size}")
-    return list(itertools.product(bits, sizes, clips))
+    try:
+        return quant_grid(args.bits or [DEFAULTS.bits], sizes, args.clip or [DEFAULTS.clip])
+    except ValueError as error:
+        raise CliError(str(error)) from None
 
 
 def _parse_holdout(specs: list[str]) -> list[tuple[str, int, int]]:
@@ -160,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     from sw_hooks.impact import perplexity
     from sw_hooks.quantize import holdout_sweep, resolve_holdout
 
-    settings = _settings(args)
+    configs = _configs(args)
     check_model_arguments(args)
     check_output_file(args.json, "--json")
     given = _given_super_weights(args)
@@ -172,10 +171,10 @@ def run(args: argparse.Namespace) -> int:
     progress(f"holding out: {_describe(weights)}", quiet=args.quiet)
     with step("baseline perplexity", quiet=args.quiet):
         baseline = perplexity(model, ids)
-    with step(f"quantization sweep: {2 * len(settings)} runs", quiet=args.quiet):
+    with step(f"quantization sweep: {2 * len(configs)} runs", quiet=args.quiet):
         sweep = holdout_sweep(
             model,
-            settings,
+            configs,
             weights,
             lambda: perplexity(model, ids),
             progress=lambda line: progress(line, quiet=args.quiet),

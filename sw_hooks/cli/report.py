@@ -16,6 +16,10 @@ from sw_hooks.cli._common import (
     token_ids,
 )
 from sw_hooks.cli._paths import check_output_folder
+from sw_hooks.quant_config import QuantConfig, quant_grid
+from sw_hooks.report import REPORT_BLOCK_SIZES, REPORT_CLIP
+
+DEFAULTS = QuantConfig()
 
 REPORT_TOKENS = 512
 
@@ -43,11 +47,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         action="append",
         default=None,
-        help="quantization block size (repeatable; default: 128, 1024, 4096)",
+        help="quantization block size (repeatable; default: "
+        f"{', '.join(map(str, REPORT_BLOCK_SIZES))})",
     )
-    parser.add_argument("--bits", type=int, default=4, help="quantization bits (default: 4)")
     parser.add_argument(
-        "--clip", default="zscore:6", help="quantization clipping (default: zscore:6)"
+        "--bits",
+        type=int,
+        default=DEFAULTS.bits,
+        help=f"quantization bits (default: {DEFAULTS.bits})",
+    )
+    parser.add_argument(
+        "--clip",
+        default=str(REPORT_CLIP),
+        help=f"quantization clipping (default: {REPORT_CLIP})",
     )
     parser.add_argument(
         "--history",
@@ -59,16 +71,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _options(args: argparse.Namespace):  # -> ReportOptions (imported lazily)
-    from sw_hooks.quantize import check_bits, parse_clip
+    """The report's options from the flags: one config per block size, checked now."""
     from sw_hooks.report import ReportOptions
 
+    sizes = tuple(args.block_size or REPORT_BLOCK_SIZES)
+    if any(size <= 0 for size in sizes):
+        raise CliError(f"--block-size must be positive, got {list(sizes)}")
     try:
-        check_bits(args.bits)
-        parse_clip(args.clip)
-        sizes = tuple(args.block_size or ReportOptions.block_sizes)
-        if any(size <= 0 for size in sizes):
-            raise ValueError(f"--block-size must be positive, got {list(sizes)}")
-        return ReportOptions(bits=(args.bits,), block_sizes=sizes, clip=args.clip)
+        return ReportOptions(quantization=quant_grid([args.bits], sizes, [args.clip]))
     except ValueError as error:
         raise CliError(str(error)) from None
 

@@ -7,7 +7,7 @@ import torch
 
 from sw_hooks.impact import perplexity
 from sw_hooks.models import calibration_text, tokenize
-from sw_hooks.quantize import quantize_model
+from sw_hooks.quantize import QuantConfig, quantize_model
 
 SUPER_WEIGHT = ("model.layers.11.mlp.down_proj", 507, 1229)
 
@@ -22,7 +22,7 @@ def test_with_clipping_holding_out_the_super_weight_lowers_perplexity(smollm2) -
         measured = {}
         for held in (False, True):
             holdout = [SUPER_WEIGHT] if held else None
-            with quantize_model(model, 4, 4096, clip="zscore:6", holdout=holdout):
+            with quantize_model(model, QuantConfig(4, 4096, clip="zscore:6"), holdout=holdout):
                 measured[held] = perplexity(model, ids, window=256, stride=256)
                 down = model.get_submodule(SUPER_WEIGHT[0]).weight
                 kept = torch.equal(down[507, 1229], before[f"{SUPER_WEIGHT[0]}.weight"][507, 1229])

@@ -15,7 +15,7 @@ def test_report_shows_the_known_super_weight(smollm2, tmp_path) -> None:
     model, tokenizer = smollm2
     ids = tokenize(tokenizer, calibration_text(), max_tokens=192)
     # no quantization sweep: each quantized run costs more than the rest of the report
-    options = ReportOptions(prompt_tokens=64, block_sizes=())
+    options = ReportOptions(prompt_tokens=64, quantization=())
     data = collect_report(model, tokenizer, ids, options=options)
     verified = [w for w in data.detection["super_weights"] if w["verdict"] == "super"]
     assert [(w["module"], w["row"], w["col"]) for w in verified] == [SUPER]

@@ -1,8 +1,8 @@
 """Hugging Face ``Trainer`` glue: the super-weight monitor and guard as a ``TrainerCallback``.
 
-The decisions are :class:`sw_hooks.monitor.SpikeTracker`'s, the guard is
+The monitoring loop is :class:`sw_hooks.session.MonitorSession`, the guard
 :class:`sw_hooks.guard.WeightGuard`; this file only wires them to the ``Trainer``'s
-events. :func:`watch` (re-exported from :mod:`sw_hooks.monitor`) is the same monitor as a
+events. :func:`watch` (re-exported from :mod:`sw_hooks.session`) is the same monitor as a
 context manager, for ``model.generate(...)`` or a hand-written loop.
 
 Example:
@@ -25,19 +25,9 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from sw_hooks.access import Coordinate
 from sw_hooks.guard import GUARD_MODES, WeightGuard
-from sw_hooks.locate import find_down_projections
-from sw_hooks.metrics import ChannelMax, module_channels
-from sw_hooks.monitor import (
-    WARNING_KINDS,
-    NonFiniteSteps,
-    NonFiniteWarning,
-    SpikeTracker,
-    WeightEvent,
-    fold_recording,
-    watch,
-)
-from sw_hooks.record import Recorder, record
+from sw_hooks.monitor import WARNING_KINDS, Decision, NonFiniteWarning, SpikeTracker, WeightEvent
 from sw_hooks.results import SuperWeight
+from sw_hooks.session import MonitorSession, watch
 
 __all__ = ["SuperWeightCallback", "watch"]
 
@@ -75,107 +65,87 @@ class SuperWeightCallback(TrainerCallback):
         prefix: str = "sw",
         strict: bool = False,
     ) -> None:
-        if not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}")
         if guard is not None and guard not in GUARD_MODES:
             raise ValueError(f"guard must be None or one of {GUARD_MODES}, got {guard!r}")
-        self.every_n_steps, self.guard_mode, self.pattern, self.prefix = (
-            every_n_steps,
-            guard,
-            pattern,
-            prefix,
-        )
-        self.tracker = SpikeTracker(
-            super_weights,
-            collapse_factor=collapse_factor,
-            drift_fraction=drift_fraction,
-            spike_options=spike_options,
-        )
-        self.nonfinite = NonFiniteSteps(strict=strict, warn=self._warn_on_main, prefix=prefix)
-        self.last_values: dict[str, float] = {}
+        self.guard_mode = guard
         self.guard: WeightGuard | None = None
         self._main = True
         self._model: nn.Module | None = None
         self._optimizer: Any = None
-        self._metric: ChannelMax | None = None
-        self._recorder: Recorder | None = None
+        self.session = MonitorSession(
+            pattern=pattern,
+            every_n_steps=every_n_steps,
+            super_weights=super_weights,
+            collapse_factor=collapse_factor,
+            drift_fraction=drift_fraction,
+            spike_options=spike_options,
+            prefix=prefix,
+            strict=strict,
+            warn=self._warn_on_main,
+            reduce_across_processes=True,
+        )
+
+    @property
+    def tracker(self) -> SpikeTracker:
+        return self.session.tracker
 
     @property
     def events(self) -> list[WeightEvent]:
-        return list(self.tracker.events)
+        return self.session.events
 
     @property
     def nonfinite_steps(self) -> int:
         """Recordings skipped because they held a NaN or infinite activation."""
-        return self.nonfinite.count
+        return self.session.nonfinite_steps
+
+    @property
+    def last_values(self) -> dict[str, float]:
+        """The scalars of the last recording, as appended to ``state.log_history``."""
+        return self.session.last_values
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None = None, optimizer: Any = None, **kwargs: Any) -> None:  # fmt: skip
         self._model, self._optimizer = model, getattr(optimizer, "optimizer", optimizer)
         self._main = state.is_world_process_zero
-        modules = find_down_projections(model, self.pattern)  # clear ValueError if none
-        self._modules = modules
-        # Its states move to the recorded activations' device at the first update.
-        self._metric = ChannelMax(module_channels(model, modules))
-        self.tracker.qualify(model)
-        self._guard(self.tracker.super_weights)
+        self.session.bind(model)  # a clear ValueError if there are no down-projections
+        self._guard(self.session.super_weights)
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:  # fmt: skip
-        if state.global_step % self.every_n_steps == 0 and self._recorder is None:
-            self._recorder, self._step = record(self._model, self._modules), state.global_step
+        self.session.start(state.global_step)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:  # fmt: skip
-        if self._recorder is None:
+        decided = self.session.finish("train")
+        if decided is None:
             return
-        stats = self._recorder.stats
-        self._stop()
-        self._metric.update(stats)
-        reduced = self._metric.compute_stats()
-        self._metric.reset()
-        decided = fold_recording(
-            self.tracker,
-            self._model,
-            reduced,
-            self.nonfinite,
-            step=self._step,
-            stage="train",
-            prefix=self.prefix,
-        )
-        self.last_values = decided.values
-        self._report(state, decided.events)
+        self._report(state, decided)
         if self.guard is None:
-            self._guard(self.tracker.super_weights)
+            self._guard(self.session.super_weights)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:  # fmt: skip
-        self._stop()
+        self.session.stop()
         if self.guard is not None:
             self.guard.detach()
 
     def state_dict(self) -> dict[str, Any]:
-        """The tracker's history and the skipped-step count, for saving next to a checkpoint."""
-        return {**self.tracker.state_dict(), "nonfinite_steps": self.nonfinite.count}
+        """The session's history (tracker, skipped-step count, last values), for a checkpoint."""
+        return self.session.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.tracker.load_state_dict(state)
-        self.nonfinite.count = int(state.get("nonfinite_steps", 0))
+        """Continue from :meth:`state_dict`, or from the flat layout saved by earlier versions."""
+        self.session.load_state_dict(state)
 
     def _guard(self, weights: list[SuperWeight]) -> None:
         if self.guard_mode is None or not weights or self._optimizer is None:
             return
         self.guard = WeightGuard(self._model, weights, self.guard_mode).attach(self._optimizer)
 
-    def _stop(self) -> None:
-        if self._recorder is not None:
-            self._recorder.remove()
-            self._recorder = None
-
     def _warn_on_main(self, message: str) -> None:
         if self._main:
             warnings.warn(message, NonFiniteWarning, stacklevel=2)
 
-    def _report(self, state: TrainerState, events: list[WeightEvent]) -> None:
+    def _report(self, state: TrainerState, decided: Decision) -> None:
         if not state.is_world_process_zero:
             return
-        for event in events:
+        for event in decided.events:
             if event.kind in WARNING_KINDS:
                 warnings.warn(event.describe(), stacklevel=2)
-        state.log_history.append({**self.last_values, "step": self._step})
+        state.log_history.append({**decided.values, "step": self.session.step})

@@ -1,9 +1,9 @@
 """Lightning callbacks: monitor, ablate and guard super weights during training.
 
-Thin shells over the core: recording is :mod:`sw_hooks.record`, the cross-rank reduction
-:class:`sw_hooks.metrics.ChannelMax`, the decisions :class:`sw_hooks.monitor.SpikeTracker`,
-the masks :mod:`sw_hooks.masks` and the guard :class:`sw_hooks.guard.WeightGuard`. Nothing
-here needs a change to the user's ``LightningModule``.
+Thin shells over the core: the monitoring loop (recording, the cross-rank reduction, the
+decisions) is :class:`sw_hooks.session.MonitorSession`, the masks :mod:`sw_hooks.masks` and
+the guard :class:`sw_hooks.guard.WeightGuard`. Nothing here needs a change to the user's
+``LightningModule``.
 
 Example:
     >>> trainer = lightning.Trainer(  # doctest: +SKIP
@@ -36,20 +36,18 @@ from typing_extensions import override
 
 from sw_hooks.access import Coordinate
 from sw_hooks.guard import GUARD_MODES, WeightGuard
-from sw_hooks.locate import find_down_projections
 from sw_hooks.masks import WeightMask, ablate, scale
-from sw_hooks.metrics import ChannelMax, module_channels
 from sw_hooks.monitor import (
     WARNING_KINDS,
-    NonFiniteSteps,
+    Decision,
     NonFiniteWarning,
     SpikeTracker,
     WeightEvent,
-    fold_recording,
     qualify,
 )
-from sw_hooks.record import LOCATED_CHANNELS, ChannelStats, Locations, Recorder, record
+from sw_hooks.record import LOCATED_CHANNELS, ChannelStats, Locations
 from sw_hooks.results import SuperWeight
+from sw_hooks.session import MonitorSession
 
 SUPPORTED_STRATEGIES = (SingleDeviceStrategy, DDPStrategy, ModelParallelStrategy)
 # Subclasses of the supported ones whose parameters are not plain tensors or DTensors.
@@ -73,14 +71,6 @@ def check_strategy(trainer: pl.Trainer, owner: str) -> None:
         )
 
 
-def down_projections(pl_module: pl.LightningModule, pattern: Any, owner: str) -> dict:
-    """The module's down-projections, or a clear error naming what was looked for."""
-    try:
-        return find_down_projections(pl_module, pattern)
-    except ValueError as error:
-        raise MisconfigurationException(f"{owner}: {error}") from None
-
-
 def qualified(pl_module: pl.LightningModule, weights: Iterable[Any], owner: str) -> list:
     """``weights`` renamed to full module names inside ``pl_module``, or a clear error."""
     try:
@@ -99,7 +89,8 @@ class SuperWeightMonitor(Callback):
 
     Every ``every_n_steps`` training steps (and over each validation epoch) it records the
     down-projections' per-channel max ``|input|``/``|output|``, reduces them across ranks
-    with a max, and folds them into a :class:`~sw_hooks.monitor.SpikeTracker`: new spike
+    with a max, and folds them into a :class:`~sw_hooks.monitor.SpikeTracker` (all of it
+    one :class:`~sw_hooks.session.MonitorSession`; this callback only calls it): new spike
     pairs are flagged as they appear, known super weights when their super activation
     collapses or their value drifts. Each event is warned about (rank zero), logged, and
     kept in :attr:`events` and in checkpoints. Logged names are listed in
@@ -148,44 +139,59 @@ class SuperWeightMonitor(Callback):
         record_locations: Locations = LOCATED_CHANNELS,
         strict: bool = False,
     ) -> None:
-        if not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise MisconfigurationException(
-                f"every_n_steps must be a positive integer, got {every_n_steps!r}"
-            )
-        self.every_n_steps = every_n_steps
         self.record_validation = record_validation
-        self.pattern = pattern
-        self.prefix = prefix
         self.require_logger = require_logger
-        # False: magnitudes only, about a third of the recording cost (token positions -1).
-        self.record_locations = record_locations
-        self.tracker = SpikeTracker(
-            super_weights,
-            collapse_factor=collapse_factor,
-            drift_fraction=drift_fraction,
-            spike_options=spike_options,
-        )
-        self.nonfinite = NonFiniteSteps(
-            strict=strict, warn=partial(rank_zero_warn, category=NonFiniteWarning), prefix=prefix
-        )
-        self.last_values: dict[str, float] = {}
-        self.last_stats: dict[str, ChannelStats] = {}
-        self._metric: ChannelMax | None = None
-        self._recorder: Recorder | None = None
-        self._step = 0
+        try:
+            self.session = MonitorSession(
+                pattern=pattern,
+                every_n_steps=every_n_steps,
+                super_weights=super_weights,
+                collapse_factor=collapse_factor,
+                drift_fraction=drift_fraction,
+                spike_options=spike_options,
+                prefix=prefix,
+                strict=strict,
+                warn=partial(rank_zero_warn, category=NonFiniteWarning),
+                locations=record_locations,
+                reduce_across_processes=True,
+            )
+        except ValueError as error:
+            raise MisconfigurationException(f"SuperWeightMonitor: {error}") from None
+
+    @property
+    def every_n_steps(self) -> int:
+        return self.session.every_n_steps
+
+    @property
+    def prefix(self) -> str:
+        return self.session.prefix
+
+    @property
+    def tracker(self) -> SpikeTracker:
+        return self.session.tracker
 
     @property
     def events(self) -> list[WeightEvent]:
-        return list(self.tracker.events)
+        return self.session.events
 
     @property
     def nonfinite_steps(self) -> int:
         """Recordings skipped because they held a NaN or infinite activation."""
-        return self.nonfinite.count
+        return self.session.nonfinite_steps
 
     @property
     def super_weights(self) -> list[SuperWeight]:
-        return self.tracker.super_weights
+        return self.session.super_weights
+
+    @property
+    def last_values(self) -> dict[str, float]:
+        """The scalars of the last recording, as logged."""
+        return self.session.last_values
+
+    @property
+    def last_stats(self) -> dict[str, ChannelStats]:
+        """The last finite recording, reduced across ranks."""
+        return self.session.last_stats
 
     @property
     def state_key(self) -> str:
@@ -199,13 +205,8 @@ class SuperWeightMonitor(Callback):
                 "SuperWeightMonitor logs through the Trainer's loggers, but it has none: "
                 "pass logger=CSVLogger(...) (or any logger), or require_logger=False"
             )
-        modules = down_projections(pl_module, self.pattern, type(self).__name__)
-        self._modules = modules
-        # The metric moves to the recorded activations' device at its first update: here,
-        # before Lightning moves the model, pl_module.device is still the CPU.
-        self._metric = ChannelMax(module_channels(pl_module, modules), sync_on_compute=True)
         try:
-            self.tracker.qualify(pl_module)
+            self.session.bind(pl_module)
         except ValueError as error:
             raise MisconfigurationException(f"SuperWeightMonitor: {error}") from None
 
@@ -213,8 +214,7 @@ class SuperWeightMonitor(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if trainer.global_step % self.every_n_steps == 0:
-            self._start(pl_module, trainer.global_step)
+        self.session.start(trainer.global_step)
 
     @override
     def on_train_batch_end(
@@ -225,91 +225,45 @@ class SuperWeightMonitor(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        self._finish(trainer, pl_module, "train")
+        self._report(trainer, self.session.finish("train"))
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.record_validation and not trainer.sanity_checking:
-            self._start(pl_module, trainer.global_step)
+            self.session.start(trainer.global_step, always=True)
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._finish(trainer, pl_module, "val")
+        self._report(trainer, self.session.finish("val"))
 
     @override
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        self._stop()
+        self.session.stop()
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._stop()
+        self.session.stop()
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "tracker": self.tracker.state_dict(),
-            "last_values": dict(self.last_values),
-            "nonfinite_steps": self.nonfinite.count,
-        }
+        return self.session.state_dict()
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.tracker.load_state_dict(state_dict["tracker"])
-        self.last_values = dict(state_dict.get("last_values", {}))
-        self.nonfinite.count = int(state_dict.get("nonfinite_steps", 0))
+        self.session.load_state_dict(state_dict)
 
-    # -- the work ------------------------------------------------------------------------
-    def _start(self, pl_module: pl.LightningModule, step: int) -> None:
-        if self._recorder is None:
-            self._recorder = record(pl_module, self._modules, locations=self.record_locations)
-            self._step = step
-
-    def _stop(self) -> dict[str, ChannelStats]:
-        if self._recorder is None:
-            return {}
-        stats = self._recorder.stats
-        self._recorder.remove()
-        self._recorder = None
-        return stats
-
-    def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._recorder is None:
+    def _report(self, trainer: pl.Trainer, decided: Decision | None) -> None:
+        """Warn (rank zero) about each event and log the values (rank zero's loggers)."""
+        if decided is None:
             return
-        stats = self._reduce(self._stop())
-        if not stats:
-            return
-        decided = fold_recording(
-            self.tracker,
-            pl_module,
-            stats,
-            self.nonfinite,
-            step=self._step,
-            stage=stage,
-            prefix=self.prefix,
-        )
-        if not decided.skipped:
-            self.last_stats = stats
-        self.last_values = decided.values
-        self._report(trainer, decided.events)
-
-    def _reduce(self, stats: dict[str, ChannelStats]) -> dict[str, ChannelStats]:
-        """Max over every rank (a no-op on one process), so all ranks decide alike."""
-        assert self._metric is not None
-        self._metric.update(stats)
-        try:
-            return self._metric.compute_stats()
-        finally:
-            self._metric.reset()
-
-    def _report(self, trainer: pl.Trainer, events: list[WeightEvent]) -> None:
-        for event in events:
+        for event in decided.events:
             say = rank_zero_warn if event.kind in WARNING_KINDS else rank_zero_info
             say(event.describe())
         if trainer.is_global_zero:
             for logger in trainer.loggers:
-                logger.log_metrics(self.last_values, step=self._step)
+                logger.log_metrics(decided.values, step=self.session.step)
 
 
 class SuperWeightAblation(Callback):

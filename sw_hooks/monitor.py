@@ -15,16 +15,17 @@ first seen, and the events so far:
 New spike pairs come from :func:`sw_hooks.detect.spike_candidates`, so the callbacks and
 detection agree on what a spike is. :func:`fold_recording` is the step every monitor takes
 per recording (skip it if non-finite, else track it, then name the scalars with
-:func:`metric_values`); :func:`watch` wraps a recorder and a tracker around any forward
-code (``generate``, a plain training loop).
+:func:`metric_values`). The loop around it (recorder, schedule, cross-process reduction,
+checkpoints) is :class:`sw_hooks.session.MonitorSession`, and :func:`sw_hooks.session.watch`
+(also importable from here) wraps it around any forward code (``generate``, a plain
+training loop).
 """
 
 from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -33,7 +34,7 @@ from torch import nn
 
 from sw_hooks.access import Coordinate, WeightElement, as_triple
 from sw_hooks.locate import layer_index
-from sw_hooks.record import ChannelStats, Recorder, record
+from sw_hooks.record import ChannelStats
 from sw_hooks.results import SuperWeight
 
 EVENT_KINDS = ("found", "appeared", "collapsed", "drifted", "recovered")
@@ -107,6 +108,7 @@ class SpikeTracker:
         spike_options: passed to :func:`sw_hooks.detect.spike_candidates`.
 
     Example:
+        >>> from sw_hooks.record import record
         >>> from sw_hooks.testing import planted_llama
         >>> planted = planted_llama()
         >>> tracker = SpikeTracker()
@@ -371,7 +373,8 @@ def find_nonfinite(stats: Mapping[str, ChannelStats]) -> NonFiniteActivation | N
     return None
 
 
-def _warn(message: str) -> None:
+def warn_nonfinite(message: str) -> None:
+    """The default warning for a skipped recording: ``warnings.warn`` with :class:`NonFiniteWarning`."""
     warnings.warn(message, NonFiniteWarning, stacklevel=4)
 
 
@@ -391,7 +394,9 @@ class NonFiniteSteps:
         prefix: the first component of the logged count's name.
     """
 
-    def __init__(self, *, strict: bool = False, warn: Warn = _warn, prefix: str = "sw") -> None:
+    def __init__(
+        self, *, strict: bool = False, warn: Warn = warn_nonfinite, prefix: str = "sw"
+    ) -> None:
         self.strict = strict
         self.count = 0
         self.metric_name = f"{prefix}/nonfinite_steps"
@@ -498,76 +503,10 @@ def metric_values(
     return values
 
 
-class Watch:
-    """What :func:`watch` yields: the recorder while inside, the tracker and events after."""
+def __getattr__(name: str) -> Any:
+    """``watch`` and ``Watch`` live in :mod:`sw_hooks.session`; they stay importable from here."""
+    if name in ("watch", "Watch"):
+        from sw_hooks import session
 
-    def __init__(
-        self,
-        model: nn.Module,
-        tracker: SpikeTracker,
-        recorder: Recorder,
-        nonfinite: NonFiniteSteps | None = None,
-    ) -> None:
-        self.model, self.tracker, self.recorder = model, tracker, recorder
-        self.nonfinite = nonfinite if nonfinite is not None else NonFiniteSteps()
-        self.events: list[WeightEvent] = []
-        self.values: dict[str, float] = {}
-
-    @property
-    def nonfinite_steps(self) -> int:
-        """Checks skipped because the recording held a NaN or infinite activation."""
-        return self.nonfinite.count
-
-    def check(self, step: int = 0, stage: str = "watch") -> list[WeightEvent]:
-        """Decide on what was recorded so far, then start a fresh recording.
-
-        A recording holding a NaN or infinite activation is skipped and counted (warned
-        about once), or raises :class:`NonFiniteActivationError` under ``strict=True``.
-        """
-        stats = self.recorder.stats
-        if not stats:
-            return []
-        self.recorder.reset()
-        decided = fold_recording(
-            self.tracker, self.model, stats, self.nonfinite, step=step, stage=stage
-        )
-        self.values = decided.values
-        self.events += decided.events
-        return decided.events
-
-
-@contextmanager
-def watch(
-    model: nn.Module,
-    tracker: SpikeTracker | None = None,
-    *,
-    pattern: Any = None,
-    step: int = 0,
-    stage: str = "watch",
-    strict: bool = False,
-) -> Iterator[Watch]:
-    """Record the down-projections inside the block; on exit, fold the recording into ``tracker``.
-
-    Works around anything that runs the model: ``generate``, evaluation, a training step.
-    Call :meth:`Watch.check` inside the block to decide more often (every N steps). A
-    recording with a NaN or infinite activation (an fp16 overflow) is skipped, counted
-    in ``sw/nonfinite_steps`` and warned about once; ``strict=True`` raises
-    :class:`NonFiniteActivationError` instead.
-
-    Example:
-        >>> from sw_hooks.testing import planted_llama
-        >>> planted = planted_llama()
-        >>> with watch(planted.model) as w, torch.no_grad():
-        ...     _ = planted.model(planted.prompt())
-        >>> [e.kind for e in w.events], w.values["sw/watch/super_weights"]
-        (['found', 'found'], 2.0)
-    """
-    tracker = tracker if tracker is not None else SpikeTracker()
-    recorder = record(model, pattern)
-    watcher = Watch(model, tracker, recorder, NonFiniteSteps(strict=strict))
-    try:
-        yield watcher
-    finally:
-        recorder.remove()
-    with torch.no_grad():
-        watcher.check(step, stage)
+        return getattr(session, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

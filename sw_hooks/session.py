@@ -1,0 +1,352 @@
+"""One monitoring session: record on a schedule, reduce, track, and name what was seen.
+
+The loop every monitor runs is written here once: attach a recorder when a step is due
+(:meth:`MonitorSession.start`), remove it and max-reduce what it recorded across processes
+(:class:`~sw_hooks.metrics.ChannelMax`, optional), skip a recording holding a NaN or
+infinite activation (:class:`~sw_hooks.monitor.NonFiniteSteps`), fold it into a
+:class:`~sw_hooks.monitor.SpikeTracker` and name the scalars to log
+(:meth:`MonitorSession.finish`). The Lightning callback, the Hugging Face callback and
+:func:`watch` only translate their own hooks into these calls, and report (warn, log)
+in their framework's way. Nothing here imports a training framework.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from sw_hooks.access import Coordinate
+from sw_hooks.locate import find_down_projections
+from sw_hooks.metrics import ChannelMax, module_channels
+from sw_hooks.monitor import (
+    Decision,
+    NonFiniteSteps,
+    SpikeTracker,
+    Warn,
+    WeightEvent,
+    fold_recording,
+    warn_nonfinite,
+)
+from sw_hooks.record import LOCATED_CHANNELS, ChannelStats, Locations, Recorder
+from sw_hooks.results import SuperWeight
+
+
+class MonitorSession:
+    """Monitor a model's super weights over a run: the recorder, reduction, tracker and counts.
+
+    Call :meth:`start` before a step's forward passes and :meth:`finish` after them; a
+    step is recorded when ``step % every_n_steps == 0`` (or with ``start(step,
+    always=True)``, e.g. over a validation epoch). :meth:`finish` gives a
+    :class:`~sw_hooks.monitor.Decision` (events and the scalars named by
+    :func:`~sw_hooks.monitor.metric_values`) and keeps :attr:`last_values` and
+    :attr:`last_stats`. The history (tracker, skipped-step count, last values) is saved by
+    :meth:`state_dict`.
+
+    The model can be given now or later with :meth:`bind` (a training framework hands it
+    over only at setup, while the history must exist from the start).
+
+    Args:
+        model: the model to record (or ``None`` and :meth:`bind` later).
+        pattern: where the down-projections are, for unknown architectures (a glob or
+            compiled regex, as :func:`~sw_hooks.locate.find_down_projections`).
+        every_n_steps: record one step out of this many.
+        super_weights: weights to watch from the start (names relative to ``model`` or to
+            a model it holds); others are found on the fly.
+        collapse_factor, drift_fraction, spike_options: see
+            :class:`~sw_hooks.monitor.SpikeTracker`.
+        prefix: the first component of every scalar's name.
+        strict: raise :class:`~sw_hooks.monitor.NonFiniteActivationError` on a non-finite
+            activation instead of skipping that recording.
+        warn: how to warn about the first skipped recording (default ``warnings.warn``).
+        locations: which channels keep the token position of their maximum, as
+            ``record(locations=...)``.
+        reduce_across_processes: max-reduce each recording across processes with
+            :class:`~sw_hooks.metrics.ChannelMax` before deciding (a no-op on one process),
+            so every rank decides alike; every rank must then call :meth:`finish`.
+        process_group: the group to reduce over (default: every process).
+
+    Example:
+        >>> from sw_hooks.testing import planted_llama
+        >>> planted = planted_llama()
+        >>> session = MonitorSession(planted.model, every_n_steps=10)
+        >>> session.start(step=0)
+        True
+        >>> with torch.no_grad():
+        ...     _ = planted.model(planted.prompt())
+        >>> [(e.kind, e.row, e.col) for e in session.finish("train").events]
+        [('found', 5, 17), ('found', 9, 33)]
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        pattern: str | re.Pattern[str] | None = None,
+        *,
+        every_n_steps: int = 1,
+        super_weights: Iterable[SuperWeight | Coordinate] = (),
+        collapse_factor: float = 10.0,
+        drift_fraction: float = 0.5,
+        spike_options: Mapping[str, Any] | None = None,
+        prefix: str = "sw",
+        strict: bool = False,
+        warn: Warn = warn_nonfinite,
+        locations: Locations = LOCATED_CHANNELS,
+        reduce_across_processes: bool = False,
+        process_group: Any = None,
+    ) -> None:
+        if not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}")
+        self.every_n_steps, self.prefix, self.locations = every_n_steps, prefix, locations
+        self.tracker = SpikeTracker(
+            super_weights,
+            collapse_factor=collapse_factor,
+            drift_fraction=drift_fraction,
+            spike_options=spike_options,
+        )
+        self.nonfinite = NonFiniteSteps(strict=strict, warn=warn, prefix=prefix)
+        self.last_values: dict[str, float] = {}
+        self.last_stats: dict[str, ChannelStats] = {}
+        self.step = 0
+        self._pattern = pattern
+        self._reduce_across = reduce_across_processes
+        self._process_group = process_group
+        self._model: nn.Module | None = None
+        self._modules: dict[str, nn.Module] = {}
+        self._metric: ChannelMax | None = None
+        self._recorder: Recorder | None = None
+        if model is not None:
+            self.bind(model)
+
+    # -- what the adapters read ----------------------------------------------------------
+    @property
+    def events(self) -> list[WeightEvent]:
+        """Every event so far, in order (a copy)."""
+        return list(self.tracker.events)
+
+    @property
+    def super_weights(self) -> list[SuperWeight]:
+        """Every known super weight, with the value it had when first seen."""
+        return self.tracker.super_weights
+
+    @property
+    def nonfinite_steps(self) -> int:
+        """Recordings skipped because they held a NaN or infinite activation."""
+        return self.nonfinite.count
+
+    @property
+    def recording(self) -> bool:
+        """Whether a recorder is attached now."""
+        return self._recorder is not None
+
+    @property
+    def recorder(self) -> Recorder | None:
+        """The recorder attached now, if any."""
+        return self._recorder
+
+    @property
+    def model(self) -> nn.Module | None:
+        """The bound model (``None`` before :meth:`bind`)."""
+        return self._model
+
+    # -- the loop ------------------------------------------------------------------------
+    def bind(self, model: nn.Module) -> MonitorSession:
+        """Choose the modules to record in ``model`` and name known weights inside it.
+
+        Raises ``ValueError`` (no down-projections, a known weight's module not found)
+        before anything is attached. Binding again (a second ``fit``) starts afresh,
+        keeping the history.
+        """
+        self.stop()
+        modules = find_down_projections(model, self._pattern)
+        self.tracker.qualify(model)
+        self._model, self._modules = model, modules
+        # The metric moves to the recorded activations' device at its first update.
+        self._metric = self._make_metric(model, modules) if self._reduce_across else None
+        return self
+
+    def due(self, step: int) -> bool:
+        """Whether ``step`` is on the schedule."""
+        return step % self.every_n_steps == 0
+
+    def start(self, step: int, *, always: bool = False) -> bool:
+        """Attach a recorder if ``step`` is due (or ``always``); ``True`` while recording."""
+        model = self._bound_model()
+        if self._recorder is None and (always or self.due(step)):
+            self._recorder = Recorder(model, self._modules, locations=self.locations)
+            self.step = step
+        return self._recorder is not None
+
+    def stop(self) -> dict[str, ChannelStats]:
+        """Remove the recorder (safe when none is attached); return what it recorded."""
+        if self._recorder is None:
+            return {}
+        stats = self._recorder.stats
+        self._recorder.remove()
+        self._recorder.reset()
+        self._recorder = None
+        return stats
+
+    def finish(self, stage: str = "train") -> Decision | None:
+        """End the recording started by :meth:`start` and decide on it.
+
+        ``None`` when nothing was being recorded (a step off the schedule) or nothing was
+        called. A non-finite recording is skipped (``Decision.skipped``) or raises under
+        ``strict``; the recorder is removed either way.
+        """
+        if self._recorder is None:
+            return None
+        return self.decide(self.stop(), stage=stage, step=self.step)
+
+    def check(self, step: int, stage: str = "train") -> Decision | None:
+        """Decide on what was recorded so far and keep recording (a fresh recording).
+
+        For a loop that records continuously (:func:`watch`); ``None`` when nothing was
+        recorded since the last check.
+        """
+        if self._recorder is None:
+            return None
+        stats = self._recorder.stats
+        self._recorder.reset()
+        return self.decide(stats, stage=stage, step=step)
+
+    def decide(
+        self, stats: Mapping[str, ChannelStats], *, stage: str, step: int
+    ) -> Decision | None:
+        """Reduce ``stats`` across processes (if asked), then fold them into the tracker.
+
+        ``None`` when no process recorded anything.
+        """
+        reduced = self._reduce(stats)
+        if not reduced:
+            return None
+        decided = fold_recording(
+            self.tracker,
+            self._bound_model(),
+            reduced,
+            self.nonfinite,
+            step=step,
+            stage=stage,
+            prefix=self.prefix,
+        )
+        if not decided.skipped:
+            self.last_stats = reduced
+        self.last_values = decided.values
+        return decided
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """``{"tracker", "last_values", "nonfinite_steps"}``: plain Python data."""
+        return {
+            "tracker": self.tracker.state_dict(),
+            "last_values": dict(self.last_values),
+            "nonfinite_steps": self.nonfinite.count,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from a :meth:`state_dict`, or from a tracker's state with the count beside it.
+
+        The second layout is what the Hugging Face callback saved before it used a
+        session; both keep loading.
+        """
+        tracker_state = state["tracker"] if "tracker" in state else state
+        self.tracker.load_state_dict(tracker_state)
+        self.last_values = dict(state.get("last_values", {}))
+        self.nonfinite.count = int(state.get("nonfinite_steps", 0))
+
+    # -- helpers -------------------------------------------------------------------------
+    def _bound_model(self) -> nn.Module:
+        if self._model is None:
+            raise RuntimeError("MonitorSession has no model: call bind(model) first")
+        return self._model
+
+    def _make_metric(self, model: nn.Module, modules: Mapping[str, nn.Module]) -> ChannelMax:
+        return ChannelMax(
+            module_channels(model, modules),
+            sync_on_compute=True,
+            process_group=self._process_group,
+        )
+
+    def _reduce(self, stats: Mapping[str, ChannelStats]) -> dict[str, ChannelStats]:
+        """Max over every process (a no-op on one), so all of them decide alike."""
+        if self._metric is None:
+            return dict(stats)
+        self._metric.update(stats)
+        try:
+            return self._metric.compute_stats()
+        finally:
+            self._metric.reset()
+
+
+class Watch:
+    """What :func:`watch` yields: the recorder while inside, the tracker and events after."""
+
+    def __init__(self, session: MonitorSession) -> None:
+        self.session = session
+        self.model = session.model
+        self.tracker = session.tracker
+        self.recorder = session.recorder
+        self.events: list[WeightEvent] = []
+        self.values: dict[str, float] = {}
+
+    @property
+    def nonfinite_steps(self) -> int:
+        """Checks skipped because the recording held a NaN or infinite activation."""
+        return self.session.nonfinite_steps
+
+    def check(self, step: int = 0, stage: str = "watch") -> list[WeightEvent]:
+        """Decide on what was recorded so far, then start a fresh recording.
+
+        A recording holding a NaN or infinite activation is skipped and counted (warned
+        about once), or raises :class:`~sw_hooks.monitor.NonFiniteActivationError` under
+        ``strict=True``.
+        """
+        decided = self.session.check(step, stage)
+        if decided is None:
+            return []
+        self.values = decided.values
+        self.events += decided.events
+        return decided.events
+
+
+@contextmanager
+def watch(
+    model: nn.Module,
+    tracker: SpikeTracker | None = None,
+    *,
+    pattern: Any = None,
+    step: int = 0,
+    stage: str = "watch",
+    strict: bool = False,
+) -> Iterator[Watch]:
+    """Record the down-projections inside the block; on exit, fold the recording into ``tracker``.
+
+    Works around anything that runs the model: ``generate``, evaluation, a training step.
+    Call :meth:`Watch.check` inside the block to decide more often (every N steps). A
+    recording with a NaN or infinite activation (an fp16 overflow) is skipped, counted
+    in ``sw/nonfinite_steps`` and warned about once; ``strict=True`` raises
+    :class:`~sw_hooks.monitor.NonFiniteActivationError` instead.
+
+    Example:
+        >>> from sw_hooks.testing import planted_llama
+        >>> planted = planted_llama()
+        >>> with watch(planted.model) as w, torch.no_grad():
+        ...     _ = planted.model(planted.prompt())
+        >>> [e.kind for e in w.events], w.values["sw/watch/super_weights"]
+        (['found', 'found'], 2.0)
+    """
+    session = MonitorSession(model, pattern, strict=strict)
+    if tracker is not None:
+        session.tracker = tracker
+    session.start(step, always=True)
+    watcher = Watch(session)
+    try:
+        yield watcher
+        with torch.no_grad():
+            watcher.check(step, stage)
+    finally:
+        session.stop()

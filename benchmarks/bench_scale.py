@@ -18,6 +18,7 @@ The memory budget is 1.5 times the fp32 model's bytes. Prints a table and writes
 ``benchmarks/results/scale.json``.
 
     python benchmarks/bench_scale.py [--keep] [--folder DIR]  # ~6 GB under /tmp, minutes
+    python benchmarks/bench_scale.py --checkpoint-dtype bfloat16 --out /tmp/scale_bf16.json
     python benchmarks/bench_scale.py --shape tiny --out /tmp/scale.json  # seconds
 """
 
@@ -169,6 +170,7 @@ class Checkpoint:
     folder: Path
     text_file: Path
     shape: str
+    checkpoint_dtype: str
     parameters: int
     fp32_bytes: int
     planted: dict[str, Any]
@@ -177,15 +179,21 @@ class Checkpoint:
     checkpoint_bytes: int
 
 
-def write_checkpoint(folder: Path, shape: str, tokens: int, seed: int = 0) -> Checkpoint:
-    """Build, plant and save the model, its tokenizer and its calibration text into ``folder``."""
+def write_checkpoint(
+    folder: Path, shape: str, tokens: int, seed: int = 0, dtype: str = "float32"
+) -> Checkpoint:
+    """Build, plant and save the model, its tokenizer and its calibration text into ``folder``.
+
+    ``dtype`` is the checkpoint's (``"bfloat16"`` as published Qwen2.5 checkpoints); the
+    model is built in fp32 and ``sw-hooks`` loads it in fp32 either way.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     model = random_model(qwen2_config(shape), seed)
     planted = plant(model)
     parameters, nbytes = fp32_bytes(model) // 4, fp32_bytes(model)
     built = time.perf_counter()
-    model.save_pretrained(folder)
+    model.to(getattr(torch, dtype)).save_pretrained(folder)
     del model
     gc.collect()  # the model's reference cycles hold 6 GB until collected
     tokenizer = save_byte_tokenizer(folder)
@@ -193,6 +201,7 @@ def write_checkpoint(folder: Path, shape: str, tokens: int, seed: int = 0) -> Ch
     saved = time.perf_counter()
     facts = {
         "shape": shape,
+        "checkpoint_dtype": dtype,
         "parameters": parameters,
         "fp32_bytes": nbytes,
         "planted": asdict(planted),
@@ -400,6 +409,7 @@ def summary(checkpoint: Checkpoint, run: CommandRun, result: dict) -> dict[str, 
         "config": SHAPES[checkpoint.shape],
         "parameters": checkpoint.parameters,
         "fp32_bytes": checkpoint.fp32_bytes,
+        "checkpoint_dtype": checkpoint.checkpoint_dtype,
         "checkpoint_bytes": checkpoint.checkpoint_bytes,
         "planted": checkpoint.planted,
         "build_seconds": checkpoint.build_seconds,
@@ -433,7 +443,8 @@ def memory_per_second(samples: list[MemorySample]) -> list[list[int]]:
 def print_table(payload: dict[str, Any]) -> None:
     gib = 2**30
     print(
-        f"{payload['parameters'] / 1e9:.3f} B parameters, fp32 {payload['fp32_bytes'] / gib:.2f} GiB"
+        f"{payload['parameters'] / 1e9:.3f} B parameters, fp32 {payload['fp32_bytes'] / gib:.2f} GiB, "
+        f"{payload['checkpoint_dtype']} checkpoint"
     )
     print(f"{'stage':<18}{'seconds':>9}{'peak RSS GiB':>14}{'anon':>7}{'file':>7}  time left shown")
     for r in payload["stages"]:
@@ -464,6 +475,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--keep", action="store_true", help="keep the model folder it builds")
     parser.add_argument("--out", type=Path, default=RESULTS / "scale.json")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint-dtype", choices=("float32", "bfloat16"), default="float32")
     args = parser.parse_args(argv)
     folder = args.folder or Path(tempfile.mkdtemp(prefix="sw-hooks-scale-", dir="/tmp"))
     reused = (folder / PLANTED_FILE).is_file()
@@ -471,16 +483,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if reused:
             checkpoint = read_checkpoint(folder)
         else:
-            checkpoint = write_checkpoint(folder, args.shape, args.tokens, args.seed)
+            checkpoint = write_checkpoint(
+                folder, args.shape, args.tokens, args.seed, args.checkpoint_dtype
+            )
         result_file = folder / "detect.json"
         command = [*sw_hooks_argv(), "detect", str(folder), "--text", str(checkpoint.text_file),
                    "--json", str(result_file)]  # fmt: skip
         own_rss = read_status(os.getpid())
+        load_before = os.getloadavg()[0]
         run = run_command(command, folder / "stdout.txt")
+        # Others' processes on a shared machine slow the run: their load is part of the result.
+        load_average = {"cores": os.cpu_count(), "before": load_before, "after": os.getloadavg()[0]}
         result = json.loads(result_file.read_text()) if run.returncode == 0 else {}
         payload = summary(checkpoint, run, result)
         payload["stdout"] = run.stdout
         payload["benchmark_process_rss_bytes"] = own_rss.rss if own_rss else None
+        payload["load_average_1min"] = load_average
     finally:
         if not (args.keep or reused):
             shutil.rmtree(folder, ignore_errors=True)

@@ -252,12 +252,12 @@ def measure_impacts(
         base_logits = runner.baseline(chunk, {s.block for s in states if s.block is not None})
         baseline.add(base_logits, targets)
         if index == 0 and progress:
-            # Before screening every candidate still counts: an upper bound.
+            # Before screening every candidate counts; the LM head is not: a rough figure.
             left = len(windows) * _window_cost(runner, states, joint_start) - 1.0
             seconds = (time.perf_counter() - started) / runner.forwards * left
             progress(
                 f"verify {len(states)} candidate(s) over {len(windows)} window(s): "
-                f"at most about {seconds:.0f} s left"
+                f"about {seconds:.0f} s left"
             )
         _measure_window(model, runner, states, joint, joint_start, chunk, targets)
         if index == 0:

@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 from torch.optim import Optimizer
-from torch.utils.hooks import RemovableHandle
 
 from sw_hooks.access import Coordinate, WeightElement, _is_dtensor, _local_shard_target
+from sw_hooks.hooks import HookSet
 from sw_hooks.masks import WeightMask, preserve
 
 GUARD_MODES = ("restore", "freeze")
@@ -45,6 +45,10 @@ def zero_element(tensor: torch.Tensor, index: tuple[int, int]) -> None:
 
 class WeightGuard:
     """Protects weight elements from an optimizer; see the module docstring for the modes.
+
+    Making one only checks the weights; :meth:`attach` hooks the optimizers (and, in
+    ``restore`` mode, remembers the values). ``__enter__`` adds nothing and leaving the
+    ``with`` block detaches, so write ``with WeightGuard(...).attach(optimizer):``.
 
     Example:
         >>> from sw_hooks.testing import planted_llama
@@ -68,7 +72,7 @@ class WeightGuard:
         self._weights = list(weights)
         self._elements = [WeightElement.resolve(model, w) for w in self._weights]
         self._saved: WeightMask | None = None
-        self._handles: list[RemovableHandle] = []
+        self._hooks = HookSet()
 
     @property
     def coordinates(self) -> list[tuple[str, int, int]]:
@@ -85,15 +89,14 @@ class WeightGuard:
             self.check(optimizer)
         if self.mode == "restore" and self._saved is None:
             self._saved = preserve(self._model, self._weights).apply()
-        for optimizer in optimizers:
-            if self.mode == "restore":
-                self._handles.append(
-                    optimizer.register_step_post_hook(lambda *_: self.write_back())
-                )
-            elif freeze_before_step:
-                self._handles.append(
-                    optimizer.register_step_pre_hook(lambda opt, *_: self.mask_gradients(opt))
-                )
+        with self._hooks.registering():
+            for optimizer in optimizers:
+                if self.mode == "restore":
+                    self._hooks.add(optimizer.register_step_post_hook(lambda *_: self.write_back()))
+                elif freeze_before_step:
+                    self._hooks.add(
+                        optimizer.register_step_pre_hook(lambda opt, *_: self.mask_gradients(opt))
+                    )
         return self
 
     def check(self, optimizer: Optimizer) -> None:
@@ -119,8 +122,7 @@ class WeightGuard:
 
     def detach(self) -> None:
         """Remove the optimizer hooks (newest first); the weights are left as they are."""
-        while self._handles:
-            self._handles.pop().remove()
+        self._hooks.remove()
 
     def __enter__(self) -> WeightGuard:
         return self

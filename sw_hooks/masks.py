@@ -30,9 +30,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from sw_hooks.access import Coordinate, WeightElement
+from sw_hooks.hooks import HookSet
 from sw_hooks.results import SuperWeight
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
@@ -301,36 +301,28 @@ class ActivationRestorer:
         self._modules = {name: _submodule(model, name) for name in self._targets}
         self._ancestors = _ancestors(model, self._targets)
         self._positions = _CallPositions()
-        self._handles: list[RemovableHandle] = []
+        self._hooks = HookSet()
 
     @property
     def active(self) -> bool:
-        return bool(self._handles)
+        return len(self._hooks) > 0
 
     def apply(self) -> ActivationRestorer:
         """Register the hooks: from now on every forward pass gets the activations back."""
-        if self._handles:
+        if self.active:
             raise RuntimeError("this restorer is already applied; restore() it first")
         self._positions = _CallPositions()
-        try:
+        with self._hooks.registering():
             for ancestor in self._ancestors:
-                self._handles.append(
-                    ancestor.register_forward_pre_hook(self._enter_call, with_kwargs=True)
-                )
-                self._handles.append(
-                    ancestor.register_forward_hook(self._leave_call, always_call=True)
-                )
+                self._hooks.pre(ancestor, self._enter_call, with_kwargs=True)
+                self._hooks.forward(ancestor, self._leave_call, always_call=True)
             for name, module in self._modules.items():
-                self._handles.append(module.register_forward_hook(self._writer(name)))
-        except BaseException:
-            self.restore()
-            raise
+                self._hooks.forward(module, self._writer(name))
         return self
 
     def restore(self) -> None:
         """Remove every hook, newest first (idempotent)."""
-        while self._handles:
-            self._handles.pop().remove()
+        self._hooks.remove()
 
     def _enter_call(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         self._positions.enter(kwargs)

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from sw_hooks.access import (
     Coordinate,
@@ -38,6 +37,7 @@ from sw_hooks.access import (
     oriented_shape,
     oriented_weight,
 )
+from sw_hooks.hooks import HookSet
 from sw_hooks.locate import is_linear_like, layer_index
 from sw_hooks.quant_config import (
     MAX_BITS,
@@ -618,7 +618,6 @@ def quantize_activations(
     bits = check_bits(bits)
     chosen = select_modules(model, modules)
     held = _activation_holdout(model, chosen, holdout)
-    handles: list[RemovableHandle] = []
 
     def hook_for(name: str) -> Callable[[nn.Module, tuple], tuple]:
         channels = held.get(name, [])
@@ -628,13 +627,10 @@ def quantize_activations(
 
         return quantize_input
 
-    try:
+    with HookSet() as hooks:
         for name, module in chosen.items():
-            handles.append(module.register_forward_pre_hook(hook_for(name)))
+            hooks.pre(module, hook_for(name))
         yield held
-    finally:
-        while handles:
-            handles.pop().remove()
 
 
 # --------------------------------------------------------------------------- sweeps

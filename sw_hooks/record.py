@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from sw_hooks.hooks import HookSet
 from sw_hooks.locate import find_down_projections
 
 
@@ -197,14 +198,22 @@ class TokenMasks:
         return self._stack[-1][1] if self._stack else None
 
     def attach(
-        self, model: nn.Module, recorded: Iterable[nn.Module], handles: list[RemovableHandle]
+        self,
+        model: nn.Module,
+        recorded: Iterable[nn.Module],
+        hooks: HookSet | list[RemovableHandle],
     ) -> None:
-        """Hook the mask receivers of ``model`` on the way to ``recorded``, into ``handles``."""
+        """Hook the mask receivers of ``model`` on the way to ``recorded``, into ``hooks``.
+
+        ``hooks`` is the owner's :class:`~sw_hooks.hooks.HookSet` (a plain list of handles
+        is still taken, for owners that keep their own).
+        """
+        keep = hooks.add if isinstance(hooks, HookSet) else hooks.append
         # Eager under torch.compile, like the recorder's own bookkeeping.
         enter, leave = torch.compiler.disable(self._enter), torch.compiler.disable(self._leave)
         for module in mask_receivers(model, recorded):
-            handles.append(module.register_forward_pre_hook(enter, with_kwargs=True))
-            handles.append(module.register_forward_hook(leave, with_kwargs=True, always_call=True))
+            keep(module.register_forward_pre_hook(enter, with_kwargs=True))
+            keep(module.register_forward_hook(leave, with_kwargs=True, always_call=True))
 
     def clear(self) -> None:
         self._stack.clear()
@@ -276,10 +285,12 @@ def _takes_attention_mask(module: nn.Module) -> bool:
 class Recorder:
     """Forward hooks that keep per-channel max ``|input|`` and ``|output|`` of chosen modules.
 
-    Use :func:`record` to make one. It is a context manager (hooks removed on exit, even
-    when the forward raised) and also a plain object with :meth:`remove`. A 2-D
-    ``attention_mask=`` keeps padded tokens out of the maxima, whether it is passed to the
-    model or, inside it, to the module that receives it (a training wrapper's inner model).
+    Use :func:`record` to make one. Unlike the masks, it hooks the model when it is made,
+    not on ``__enter__``: ``rec = record(model)`` records every forward from then on, until
+    :meth:`remove`. It is also a context manager whose exit removes the hooks, even when
+    the forward raised. A 2-D ``attention_mask=`` keeps padded tokens out of the maxima,
+    whether it is passed to the model or, inside it, to the module that receives it (a
+    training wrapper's inner model).
     """
 
     def __init__(
@@ -303,15 +314,12 @@ class Recorder:
         self._inputs, self._outputs, self._locations = inputs, outputs, locations
         self._masks = TokenMasks()
         self._stats: dict[str, ChannelStats] = {}
-        self._handles: list[RemovableHandle] = []
-        try:
+        self._hooks = HookSet()
+        with self._hooks.registering():
             for name, module in selected.items():
-                self._handles.append(module.register_forward_hook(self._fold_hook(name)))
+                self._hooks.forward(module, self._fold_hook(name))
             if use_attention_mask:
-                self._masks.attach(model, selected.values(), self._handles)
-        except BaseException:
-            self.remove()
-            raise
+                self._masks.attach(model, selected.values(), self._hooks)
 
     # -- hooks ---------------------------------------------------------------------------
     def _fold_hook(self, name: str):
@@ -365,8 +373,7 @@ class Recorder:
     # -- lifetime ------------------------------------------------------------------------
     def remove(self) -> None:
         """Remove every hook, newest first. Safe to call twice."""
-        while self._handles:
-            self._handles.pop().remove()
+        self._hooks.remove()
         self._masks.clear()
 
     def __enter__(self) -> Recorder:
@@ -386,6 +393,9 @@ def record(
     locations: Locations = LOCATED_CHANNELS,
 ) -> Recorder:
     """Record per-channel max ``|input|`` and ``|output|`` of the down-projections.
+
+    The hooks are registered by this call, so recording starts at once; leaving a
+    ``with`` block (or :meth:`Recorder.remove`) takes them off.
 
     Args:
         model: any ``nn.Module``.

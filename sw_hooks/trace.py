@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from sw_hooks.access import oriented_weight
 from sw_hooks.devices import execution_device
+from sw_hooks.hooks import HookSet
 from sw_hooks.locate import find_down_projections, layer_index
 from sw_hooks.masks import ablate
 from sw_hooks.results import SuperWeight
@@ -118,7 +118,6 @@ def residual_trace(
             f"token {token} / batch {batch} is outside ids of shape {tuple(ids.shape)}"
         )
     magnitudes: dict[int, float] = {}
-    handles: list[RemovableHandle] = []
 
     def keep(index: int) -> Callable[[nn.Module, Any, Any], None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -129,13 +128,10 @@ def residual_trace(
 
         return hook
 
-    try:
+    with HookSet() as hooks:
         for index, layer in layers.items():
-            handles.append(layer.register_forward_hook(keep(index)))
+            hooks.forward(layer, keep(index))
         model(ids.to(execution_device(model)))
-    finally:
-        while handles:
-            handles.pop().remove()
     return ResidualTrace(channel, token, tuple(layers), tuple(magnitudes[i] for i in layers))
 
 

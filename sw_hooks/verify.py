@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sw_hooks.devices import execution_device
+from sw_hooks.hooks import HookSet
 from sw_hooks.impact import IGNORE_INDEX, _check_ids, _logits, _window_batches
 from sw_hooks.masks import ablate
 from sw_hooks.results import SuperWeight
@@ -128,7 +129,6 @@ def find_blocks(model: nn.Module, module_name: str) -> tuple[nn.ModuleList, int]
 def kept_outputs(blocks: nn.ModuleList, indices: set[int]) -> Iterator[dict[int, Any]]:
     """Keep what each listed block returns during the body: ``{index: output}``."""
     kept: dict[int, Any] = {}
-    handles = []
 
     def keeper(index: int):
         def keep(module: nn.Module, args: Any, output: Any) -> None:
@@ -136,13 +136,10 @@ def kept_outputs(blocks: nn.ModuleList, indices: set[int]) -> Iterator[dict[int,
 
         return keep
 
-    try:
+    with HookSet() as hooks:
         for index in sorted(indices):
-            handles.append(blocks[index].register_forward_hook(keeper(index)))
+            hooks.forward(blocks[index], keeper(index))
         yield kept
-    finally:
-        while handles:
-            handles.pop().remove()
 
 
 @contextmanager

@@ -31,7 +31,7 @@ from sw_hooks.devices import execution_device
 from sw_hooks.locate import find_down_projections, layer_index
 from sw_hooks.masks import ablate
 from sw_hooks.record import ChannelMaxima, ChannelStats, record
-from sw_hooks.results import DetectionResult, SuperWeight
+from sw_hooks.results import DetectionResult, LayerPeak, SuperWeight
 from sw_hooks.verify import VerifySettings, measure_impacts
 
 Progress = Callable[[str], None]
@@ -210,29 +210,69 @@ def _sent(value: Any, device: torch.device) -> Any:
     return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
-def find_candidates(
+def layer_peaks_of(stats: Mapping[str, ChannelStats]) -> tuple[LayerPeak, ...]:
+    """Per recorded module with both sides: its largest ``|input|`` and ``|output|`` and channels.
+
+    Example:
+        >>> from sw_hooks.testing import planted_llama
+        >>> planted = planted_llama()
+        >>> with record(planted.model) as rec, torch.no_grad():
+        ...     _ = planted.model(planted.prompt())
+        >>> peak = layer_peaks_of(rec.stats)[1]
+        >>> (peak.layer, peak.output_channel, peak.input_channel)
+        (1, 5, 17)
+    """
+    peaks = []
+    for name, module_stats in stats.items():
+        if module_stats.input is None or module_stats.output is None:
+            continue
+        input_channel, input_max = module_stats.input.top()
+        output_channel, output_max = module_stats.output.top()
+        peaks.append(
+            LayerPeak(name, layer_index(name), input_max, input_channel, output_max, output_channel)
+        )
+    return tuple(peaks)
+
+
+@dataclass(frozen=True)
+class CandidateSearch:
+    """What the record-and-ablate loop found, and the first (unablated) pass's peaks.
+
+    Attributes:
+        candidates: spike pairs in discovery order (unverified).
+        passes: record-and-ablate passes run.
+        layer_peaks: :func:`layer_peaks_of` the first pass, kept for the result's readers.
+    """
+
+    candidates: list[SuperWeight]
+    passes: int
+    layer_peaks: tuple[LayerPeak, ...] = ()
+
+
+def search_candidates(
     model: nn.Module,
     inputs: torch.Tensor | Mapping[str, torch.Tensor],
     options: DetectionOptions | None = None,
     *,
     progress: Progress | None = None,
-) -> tuple[list[SuperWeight], int]:
+) -> CandidateSearch:
     """Iterate record -> candidates -> ablate until no layer shows a new spike pair.
 
     A layer's spike pairs are all taken in the pass that first finds it; later passes
     (with everything found so far zeroed) only look at layers not yet explained, so a
     layer whose input keeps spiking cannot feed the loop row after row.
-
-    Returns ``(candidates in discovery order, passes run)``.
     """
     options = options or DetectionOptions()
     modules = find_down_projections(model)
     found: list[SuperWeight] = []
+    peaks: tuple[LayerPeak, ...] = ()
     passes = 0
     started = time.perf_counter()
     for passes in range(1, options.max_passes + 1):
         with ablate(model, found), record(model, modules) as recorder:
             forward_on_device(model, inputs)
+        if passes == 1:
+            peaks = layer_peaks_of(recorder.stats)
         explained = {w.module for w in found}
         new = [
             c for c in spike_candidates(model, recorder.stats, options) if c.module not in explained
@@ -245,7 +285,22 @@ def find_candidates(
         if not new:
             break
         found += new
-    return found, passes
+    return CandidateSearch(found, passes, peaks)
+
+
+def find_candidates(
+    model: nn.Module,
+    inputs: torch.Tensor | Mapping[str, torch.Tensor],
+    options: DetectionOptions | None = None,
+    *,
+    progress: Progress | None = None,
+) -> tuple[list[SuperWeight], int]:
+    """:func:`search_candidates` without the peaks.
+
+    Returns ``(candidates in discovery order, passes run)``.
+    """
+    search = search_candidates(model, inputs, options, progress=progress)
+    return search.candidates, search.passes
 
 
 def verify(
@@ -298,11 +353,11 @@ def run_detection(
         progress: called with a line of text after each slow step.
     """
     options = _options(options, overrides)
-    candidates, passes = find_candidates(model, inputs, options, progress=progress)
+    search = search_candidates(model, inputs, options, progress=progress)
     return finish_detection(
         model,
-        candidates,
-        passes,
+        search.candidates,
+        search.passes,
         inputs,
         calibration=calibration,
         verify_impact=verify_impact,
@@ -310,6 +365,7 @@ def run_detection(
         model_name=model_name,
         prepend_bos=prepend_bos,
         progress=progress,
+        layer_peaks=search.layer_peaks,
     )
 
 
@@ -325,11 +381,13 @@ def finish_detection(
     model_name: str | None,
     prepend_bos: bool = False,
     progress: Progress | None = None,
+    layer_peaks: Sequence[LayerPeak] = (),
 ) -> DetectionResult:
     """Order the candidates, verify them (unless told not to) and package the result.
 
     Shared by dense and mixture-of-experts detection, which differ only in how they find
-    candidates.
+    candidates. ``layer_peaks`` (the first pass's, from :func:`search_candidates`) travel
+    with the result so its readers never record the model again.
     """
     ordered = sorted(
         candidates,
@@ -345,13 +403,14 @@ def finish_detection(
         ids = calibration if calibration is not None else _ids_of(inputs)
         ordered, baseline, joint = verify(model, ordered, ids, options, progress=progress)
     return DetectionResult(
-        model_name or type(model).__name__,
-        tuple(ordered),
-        baseline,
-        joint,
-        prepend_bos,
-        passes,
-        asdict(options),
+        model=model_name or type(model).__name__,
+        super_weights=tuple(ordered),
+        baseline_perplexity=baseline,
+        joint_ablation_ratio=joint,
+        prepend_bos=prepend_bos,
+        passes=passes,
+        options=asdict(options),
+        layer_peaks=tuple(layer_peaks),
     )
 
 

@@ -17,21 +17,24 @@ from __future__ import annotations
 import csv
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from sw_hooks.results import DetectionResult, SuperWeight
+from sw_hooks.impact import ImpactRow
+from sw_hooks.quant_config import QuantConfig
+from sw_hooks.quantize import SweepRun
+from sw_hooks.results import DetectionResult, LayerPeak, SuperWeight
+from sw_hooks.trace import ResidualTrace, WeightPatch
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from sw_hooks.impact import ImpactRow
-    from sw_hooks.quantize import SweepRun
     from sw_hooks.record import ChannelStats
-    from sw_hooks.trace import ResidualTrace, WeightPatch
+
+_Result = TypeVar("_Result")
 
 DPI = 100
 SUPER_COLOUR = "#d62728"
@@ -111,61 +114,94 @@ def _mark(figure: Figure, axes: Axes, mark: Mark, *, colour: str, filled: bool =
     figure._sw_marks.append(mark)  # type: ignore[attr-defined]
 
 
+def _loaded(item: Any, kind: type[_Result]) -> _Result:
+    """``item`` as a ``kind`` result object: objects pass through, JSON objects are read.
+
+    The one place the figures turn JSON (a report's ``report.json``, ``sw-hooks quantize
+    --json``) into the library's result objects; every figure draws from objects only.
+    """
+    if isinstance(item, kind):
+        return item
+    if not isinstance(item, Mapping):
+        raise ValueError(
+            f"expected a {kind.__name__} or its JSON object, got {type(item).__name__}"
+        )
+    readers = {ImpactRow: _impact_row, SweepRun: _sweep_run}
+    read = readers.get(kind, getattr(kind, "from_dict", None))
+    return read(dict(item))
+
+
+def _loaded_all(items: Iterable[Any], kind: type[_Result], what: str) -> list[_Result]:
+    """Every item as a ``kind``; nothing to draw is an error."""
+    loaded_items = [_loaded(item, kind) for item in items]
+    if not loaded_items:
+        raise ValueError(f"no {what} to plot")
+    return loaded_items
+
+
+def _impact_row(data: dict[str, Any]) -> ImpactRow:
+    names = [f.name for f in fields(ImpactRow)]
+    missing = sorted(set(names) - set(data))
+    if missing:
+        raise ValueError(f"impact rows lack {missing}; got keys {sorted(data)}")
+    return ImpactRow(**{name: data[name] for name in names})
+
+
+def _sweep_run(data: dict[str, Any]) -> SweepRun:
+    """A run from :meth:`SweepRun.to_dict`: the config's fields beside ``holdout``."""
+    missing = sorted({"bits", "block_size", "clip", "holdout", "perplexity"} - set(data))
+    if missing:
+        raise ValueError(f"quantization rows lack {missing}; got keys {sorted(data)}")
+    size = data["block_size"]
+    config = QuantConfig(
+        data["bits"],
+        tuple(size) if isinstance(size, list) else size,
+        block_shape=data.get("block_shape", "1d"),
+        symmetric=data.get("symmetric", False),
+        clip=data["clip"],
+    )
+    return SweepRun(config, bool(data["holdout"]), float(data["perplexity"]))
+
+
 def _as_super_weights(weights: Any) -> list[SuperWeight]:
     """Super weights from a result, its JSON, or a list of either kind of weight."""
-    if isinstance(weights, DetectionResult):
-        return list(weights.super_weights)
-    if isinstance(weights, Mapping):
-        return list(DetectionResult.from_dict(weights).super_weights)
+    if isinstance(weights, DetectionResult | Mapping):
+        return list(_loaded(weights, DetectionResult).super_weights)
     if isinstance(weights, Iterable) and not isinstance(weights, str | bytes):
-        return [w if isinstance(w, SuperWeight) else SuperWeight.from_dict(w) for w in weights]
+        return [_loaded(w, SuperWeight) for w in weights]
     raise ValueError(
         f"expected super weights, a DetectionResult or its JSON, got {type(weights).__name__}"
     )
-
-
-def _rows(items: Iterable[Any], what: str) -> list[dict[str, Any]]:
-    """Plain dicts from result objects (``to_dict``) or dicts; empty input is an error."""
-    rows = [dict(item.to_dict() if hasattr(item, "to_dict") else item) for item in items]
-    if not rows:
-        raise ValueError(f"no {what} to plot")
-    return rows
-
-
-def _require(rows: list[dict[str, Any]], keys: Iterable[str], what: str) -> None:
-    missing = sorted(set(keys) - set(rows[0]))
-    if missing:
-        raise ValueError(f"{what} rows lack {missing}; got keys {sorted(rows[0])}")
 
 
 # --------------------------------------------------------------------------- Figure 2
 
 
 def activation_spikes(
-    peaks: Sequence[Mapping[str, Any]] | Mapping[str, ChannelStats],
+    peaks: Iterable[LayerPeak | Mapping[str, Any]] | Mapping[str, ChannelStats],
     super_weights: Any = (),
 ) -> Figure:
     """Max ``|input|`` and ``|output|`` of the down-projection per layer, log scale (Figure 2).
 
     Args:
-        peaks: :func:`sw_hooks.trace.layer_peaks` rows (or their JSON), or the recorder's
+        peaks: :attr:`DetectionResult.layer_peaks` (or their JSON), or the recorder's
             stats to compute them from.
         super_weights: a :class:`DetectionResult`, its JSON, or super weights; verified
             ones are marked in red with their channel, other candidates in grey.
 
     Example:
-        >>> fig = activation_spikes(layer_peaks(rec.stats), result)  # doctest: +SKIP
+        >>> fig = activation_spikes(result.layer_peaks, result)  # doctest: +SKIP
     """
+    weights = _as_super_weights(super_weights)
     if isinstance(peaks, Mapping):
-        from sw_hooks.trace import layer_peaks
+        from sw_hooks.detect import layer_peaks_of
 
-        peaks = layer_peaks(peaks)
-    rows = _rows(peaks, "layer peaks")
-    _require(rows, ("layer", "input_max", "output_max"), "layer peak")
-    layers = [r["layer"] if r["layer"] is not None else i for i, r in enumerate(rows)]
+        peaks = layer_peaks_of(peaks)
+    rows = _loaded_all(peaks, LayerPeak, "layer peaks")
+    layers = [r.layer if r.layer is not None else i for i, r in enumerate(rows)]
     figure, (left, right) = _new_figure(10, 3.8, columns=2)
     for axes, side, channel_of in ((left, "input", "col"), (right, "output", "row")):
-        values = [float(r[f"{side}_max"]) for r in rows]
+        values = [getattr(r, f"{side}_max") for r in rows]
         axes.plot(layers, values, "o-", color="#1f77b4", markersize=4)
         axes.set_yscale("log")
         axes.set_xlabel("layer")
@@ -174,7 +210,7 @@ def activation_spikes(
         _integer_layers(axes)
         axes.grid(True, which="major", alpha=0.3)
         by_layer = dict(zip(layers, values, strict=True))
-        for weight in _as_super_weights(super_weights):
+        for weight in weights:
             if weight.layer not in by_layer:
                 continue
             channel = getattr(weight, channel_of)
@@ -214,15 +250,8 @@ def residual_stream(
     Example:
         >>> fig = residual_stream(*super_activation_trace(model, ids, sw), sw)  # doctest: +SKIP
     """
-    from sw_hooks.trace import ResidualTrace
-
-    traces = [
-        t if isinstance(t, ResidualTrace) else ResidualTrace.from_dict(t) for t in (original,)
-    ]
-    if ablated is not None:
-        traces.append(
-            ablated if isinstance(ablated, ResidualTrace) else ResidualTrace.from_dict(ablated)
-        )
+    shown = (original,) if ablated is None else (original, ablated)
+    traces = [_loaded(trace, ResidualTrace) for trace in shown]
     figure, (axes,) = _new_figure(6.5, 3.8)
     for trace, label, style in zip(
         traces, ("original", "super weight zeroed"), ("o-", "s--"), strict=False
@@ -238,11 +267,7 @@ def residual_stream(
     _integer_layers(axes)
     axes.grid(True, which="major", alpha=0.3)
     if super_weight is not None:
-        weight = (
-            super_weight
-            if isinstance(super_weight, SuperWeight)
-            else SuperWeight.from_dict(super_weight)
-        )
+        weight = _loaded(super_weight, SuperWeight)
         if weight.layer in first.layers:
             y = max(first.magnitudes[first.layers.index(weight.layer)], 1e-6)
             mark = Mark(
@@ -282,11 +307,7 @@ def weight_heatmaps(patches: Iterable[WeightPatch | Mapping[str, Any]]) -> Figur
     from matplotlib.colors import LogNorm
     from matplotlib.patches import Rectangle
 
-    from sw_hooks.trace import WeightPatch
-
-    windows = [p if isinstance(p, WeightPatch) else WeightPatch.from_dict(p) for p in patches]
-    if not windows:
-        raise ValueError("no weight patches to plot")
+    windows = _loaded_all(patches, WeightPatch, "weight patches")
     figure, panels = _new_figure(4.2 * len(windows), 4.0, columns=len(windows))
     for axes, patch in zip(panels, windows, strict=True):
         magnitudes = np.abs(np.asarray(patch.values, dtype=float))
@@ -363,19 +384,17 @@ def impact_bars(rows: Iterable[ImpactRow | Mapping[str, Any]]) -> Figure:
     Example:
         >>> fig = impact_bars(table1(model, ids, result.verified))  # doctest: +SKIP
     """
-    table = _rows(rows, "impact rows")
-    _require(table, ("condition", "perplexity", "stopword_mass"), "impact")
-    names = [SHORT_CONDITIONS.get(r["condition"], r["condition"]) for r in table]
-    colours = [
-        SUPER_COLOUR if r["condition"] == "super weights pruned" else "#1f77b4" for r in table
-    ]
+    table = _loaded_all(rows, ImpactRow, "impact rows")
+    names = [SHORT_CONDITIONS.get(r.condition, r.condition) for r in table]
+    pruned = "super weights pruned"
+    colours = [SUPER_COLOUR if r.condition == pruned else "#1f77b4" for r in table]
     figure, (left, right) = _new_figure(10, 3.8, columns=2)
-    perplexities = [float(r["perplexity"]) for r in table]
+    perplexities = [float(r.perplexity) for r in table]
     left.bar(range(len(table)), perplexities, color=colours)
     left.set_yscale("log")
     left.set_ylabel("perplexity")
     left.set_title("perplexity")
-    stopword = [float(r["stopword_mass"] or 0.0) for r in table]
+    stopword = [float(r.stopword_mass or 0.0) for r in table]
     right.bar(range(len(table)), stopword, color=colours)
     right.set_ylabel("mean next-token probability")
     right.set_title("probability on stopwords")
@@ -384,10 +403,10 @@ def impact_bars(rows: Iterable[ImpactRow | Mapping[str, Any]]) -> Figure:
         for i, value in enumerate(values):
             axes.annotate(fmt.format(value), (i, value), ha="center", va="bottom", fontsize=8)
     for i, row in enumerate(table):
-        if row["condition"] == "super weights pruned":
+        if row.condition == pruned:
             figure._sw_marks += [  # type: ignore[attr-defined]
-                Mark("perplexity", row["condition"], None, None, i, perplexities[i]),
-                Mark("stopwords", row["condition"], None, None, i, stopword[i]),
+                Mark("perplexity", row.condition, None, None, i, perplexities[i]),
+                Mark("stopwords", row.condition, None, None, i, stopword[i]),
             ]
     return figure
 
@@ -411,14 +430,12 @@ def quantization_sweep(
     if isinstance(runs, Mapping):
         baseline = runs.get("baseline_perplexity", baseline)
         runs = runs.get("runs", ())
-    table = _rows(runs, "quantization runs")
-    _require(table, ("bits", "block_size", "clip", "holdout", "perplexity"), "quantization")
+    table = _loaded_all(runs, SweepRun, "quantization runs")
     figure, (axes,) = _new_figure(6.5, 3.8)
     series: dict[tuple[int, str, bool], list[tuple[int, float]]] = {}
-    for r in table:
-        series.setdefault((r["bits"], r["clip"], bool(r["holdout"])), []).append(
-            (int(r["block_size"]), float(r["perplexity"]))
-        )
+    for run in table:
+        key = (run.config.bits, str(run.config.clip or "none"), run.super_weights_held_out)
+        series.setdefault(key, []).append((_block_elements(run.config), run.perplexity))
     for (bits, clip, held), points in sorted(series.items()):
         points.sort()
         axes.plot(
@@ -433,7 +450,7 @@ def quantization_sweep(
             float(baseline), linestyle=":", color="black", label=f"unquantized {baseline:.2f}"
         )
     axes.set_xscale("log", base=2)
-    sizes = sorted({int(r["block_size"]) for r in table})
+    sizes = sorted({_block_elements(run.config) for run in table})
     axes.set_xticks(sizes, [str(size) for size in sizes])
     axes.minorticks_off()
     axes.set_yscale("log")
@@ -443,6 +460,11 @@ def quantization_sweep(
     axes.grid(True, which="major", alpha=0.3)
     axes.legend(fontsize=7)
     return figure
+
+
+def _block_elements(config: QuantConfig) -> int:
+    """Weights per block: the 1-D block size, or rows x cols of a 2-D tile."""
+    return math.prod(config.block)
 
 
 # --------------------------------------------------------------------------- monitoring

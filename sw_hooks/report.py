@@ -26,7 +26,8 @@ from sw_hooks.quant_config import QuantConfig, ZScoreClip, quant_grid
 from sw_hooks.results import DetectionResult, SuperWeight
 
 Progress = Callable[[str], None]
-REPORT_SCHEMA_VERSION = 1
+REPORT_SCHEMA_VERSION = 2
+"""2: the layer peaks live in ``detection`` (version 1 kept a copy beside it; still read)."""
 
 
 REPORT_BLOCK_SIZES = (128, 1024, 4096)
@@ -80,8 +81,8 @@ class ReportData:
 
     Attributes:
         model: the model's display name; tokens: tokens of text measured.
-        detection: :meth:`DetectionResult.to_dict`.
-        layer_peaks: :func:`sw_hooks.trace.layer_peaks` rows.
+        detection: :meth:`DetectionResult.to_dict`, with the layer peaks the spikes figure
+            draws (read them as :attr:`layer_peaks`).
         traces: per traced super weight, ``{"super_weight", "original", "ablated"}``.
         patches: :func:`sw_hooks.trace.weight_patch` windows as dicts.
         impact: :func:`sw_hooks.impact.table1` rows as dicts (empty with no super weight).
@@ -94,7 +95,6 @@ class ReportData:
     model: str
     tokens: int
     detection: dict[str, Any]
-    layer_peaks: list[dict[str, Any]]
     traces: list[dict[str, Any]] = field(default_factory=list)
     patches: list[dict[str, Any]] = field(default_factory=list)
     impact: list[dict[str, Any]] = field(default_factory=list)
@@ -108,19 +108,31 @@ class ReportData:
 
     @classmethod
     def from_dict(cls, data: Any) -> ReportData:
-        """Read :meth:`to_dict` output back, with a clear error for anything else."""
-        if not isinstance(data, Mapping) or data.get("schema_version") != REPORT_SCHEMA_VERSION:
-            raise ValueError(f"not a sw_hooks report of schema_version {REPORT_SCHEMA_VERSION}")
-        names = {f for f in cls.__dataclass_fields__}
-        missing = {"model", "tokens", "detection", "layer_peaks"} - set(data)
+        """Read :meth:`to_dict` output (or a version 1 report) back, with a clear error."""
+        version = data.get("schema_version") if isinstance(data, Mapping) else None
+        if version not in (1, REPORT_SCHEMA_VERSION):
+            raise ValueError(
+                f"not a sw_hooks report of schema_version 1 or {REPORT_SCHEMA_VERSION}"
+            )
+        required = {"model", "tokens", "detection"} | ({"layer_peaks"} if version == 1 else set())
+        missing = required - set(data)
         if missing:
             raise ValueError(f"report JSON lacks {sorted(missing)}")
-        DetectionResult.from_dict(data["detection"])  # checks the detection part
-        return cls(**{k: v for k, v in data.items() if k in names})
+        detection = dict(data["detection"]) if isinstance(data["detection"], Mapping) else None
+        if version == 1 and detection is not None:
+            detection.setdefault("layer_peaks", data["layer_peaks"])
+        DetectionResult.from_dict(detection)  # checks the detection part
+        names = set(cls.__dataclass_fields__)
+        return cls(**{**{k: v for k, v in data.items() if k in names}, "detection": detection})
 
     @property
     def result(self) -> DetectionResult:
         return DetectionResult.from_dict(self.detection)
+
+    @property
+    def layer_peaks(self) -> list[dict[str, Any]]:
+        """Detection's first-pass peaks per down-projection, as JSON rows."""
+        return [peak.to_dict() for peak in self.result.layer_peaks]
 
 
 def _shown(result: DetectionResult) -> list[SuperWeight]:
@@ -168,8 +180,6 @@ def collect_report(
         >>> data = collect_report(planted.model, None, planted.calibration_ids())  # doctest: +SKIP
     """
     from sw_hooks.detect import run_detection
-    from sw_hooks.record import record
-    from sw_hooks.trace import layer_peaks
 
     options = options or ReportOptions()
     if ids.dim() != 2 or ids.shape[1] < 2:
@@ -190,13 +200,10 @@ def collect_report(
             progress=progress,
         ),
     )
-    with record(model) as recorder, torch.no_grad():
-        model(prompt)
     data = ReportData(
         model=result.model,
         tokens=int(ids.shape[1]),
         detection=result.to_dict(),
-        layer_peaks=layer_peaks(recorder.stats),
         options=options.to_dict(),
     )
     shown = _shown(result)
@@ -301,9 +308,10 @@ def render_figures(data: ReportData) -> dict[str, Any]:
     """``{file name: Figure}`` for every figure the data supports, in report order."""
     from sw_hooks import plots
 
-    figures: dict[str, Any] = {
-        "spikes.png": plots.activation_spikes(data.layer_peaks, data.detection)
-    }
+    result = data.result
+    figures: dict[str, Any] = {}
+    if result.layer_peaks:
+        figures["spikes.png"] = plots.activation_spikes(result.layer_peaks, result)
     if data.traces:
         first = data.traces[0]
         figures["residual.png"] = plots.residual_stream(

@@ -108,6 +108,68 @@ def _checked(name: str, value: Any) -> Any:
 
 
 @dataclass(frozen=True)
+class LayerPeak:
+    """One down-projection's largest ``|input|`` and ``|output|`` and where each is.
+
+    Detection keeps one per recorded module from its first (unablated) pass: the paper's
+    Figure 2 is drawn from these, so a report never records the model again.
+
+    Attributes:
+        module: the down-projection's module name.
+        layer: the layer index parsed from ``module`` (``None`` if it has none).
+        input_max, input_channel: the largest ``|input|`` and its channel (a candidate ``col``).
+        output_max, output_channel: the largest ``|output|`` and its channel (a candidate ``row``).
+    """
+
+    module: str
+    layer: int | None
+    input_max: float
+    input_channel: int
+    output_max: float
+    output_channel: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> LayerPeak:
+        """Build from :meth:`to_dict` output, checking every field with a clear error."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a layer peak must be a JSON object, got {type(data).__name__}")
+        names = [f.name for f in fields(cls)]
+        missing = [name for name in names if name not in data]
+        if missing:
+            raise ValueError(f"layer peak lacks {missing}; got keys {sorted(data)}")
+        checks = {
+            "module": lambda v: isinstance(v, str) and bool(v),
+            "layer": lambda v: v is None or _is_count(v),
+            "input_max": _is_number,
+            "output_max": _is_number,
+            "input_channel": _is_count,
+            "output_channel": _is_count,
+        }
+        for name, ok in checks.items():
+            if not ok(data[name]):
+                raise ValueError(f"layer peak field {name!r} has a bad value: {data[name]!r}")
+        values = {name: data[name] for name in names}
+        return cls(
+            **{
+                **values,
+                "input_max": float(data["input_max"]),
+                "output_max": float(data["output_max"]),
+            }
+        )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+@dataclass(frozen=True)
 class DetectionResult:
     """What :func:`sw_hooks.detect` found, with the numbers that back it.
 
@@ -118,6 +180,9 @@ class DetectionResult:
         joint_ablation_ratio: perplexity with every candidate zeroed over the baseline.
         prepend_bos: whether a BOS token was put before the prompt.
         passes: how many record-and-ablate passes detection ran.
+        options: the :class:`~sw_hooks.detect.DetectionOptions` used, as a dict.
+        layer_peaks: per recorded down-projection, its peaks in the first (unablated)
+            pass; empty for expert detection and for files written before it was kept.
     """
 
     model: str
@@ -127,6 +192,7 @@ class DetectionResult:
     prepend_bos: bool = False
     passes: int = 0
     options: dict[str, Any] = field(default_factory=dict)
+    layer_peaks: tuple[LayerPeak, ...] = ()
 
     @property
     def verified(self) -> tuple[SuperWeight, ...]:
@@ -136,6 +202,7 @@ class DetectionResult:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["super_weights"] = [w.to_dict() for w in self.super_weights]
+        data["layer_peaks"] = [peak.to_dict() for peak in self.layer_peaks]
         return {"schema_version": SCHEMA_VERSION, **data}
 
     @classmethod
@@ -161,6 +228,7 @@ class DetectionResult:
             prepend_bos=bool(data.get("prepend_bos", False)),
             passes=int(data.get("passes", 0)),
             options=dict(data.get("options") or {}),
+            layer_peaks=_layer_peaks(data.get("layer_peaks", [])),
         )
 
     def save(self, path: str | Path) -> None:
@@ -169,6 +237,13 @@ class DetectionResult:
     @classmethod
     def load(cls, path: str | Path) -> DetectionResult:
         return cls.from_dict(read_json(path))
+
+
+def _layer_peaks(rows: Any) -> tuple[LayerPeak, ...]:
+    """The optional ``layer_peaks`` list: absent in files written before it was kept."""
+    if not isinstance(rows, list):
+        raise ValueError(f"'layer_peaks' must be a list, got {type(rows).__name__}")
+    return tuple(LayerPeak.from_dict(row) for row in rows)
 
 
 def _optional_number(data: dict[str, Any], key: str) -> float | None:

@@ -128,6 +128,35 @@ def test_quantization_sweep_draws_both_holdout_lines(planted_result, tmp_path) -
     saved(figure, tmp_path, "quantization.png")
 
 
+def test_figures_take_the_result_objects_themselves(planted_result) -> None:
+    planted, result = planted_result
+    figure = plots.activation_spikes(result.layer_peaks, result)
+    supers = {(m.panel, m.layer, m.channel, m.y) for m in plots.marks(figure) if m.label == "super"}
+    peak = result.layer_peaks[LAYER]
+    assert supers == {
+        ("input", LAYER, COL, peak.input_max),
+        ("output", LAYER, ROW, peak.output_max),
+    }
+    runs = holdout_sweep(
+        planted.model, [QuantConfig(3, 64, clip="zscore:3")], result.verified, lambda: 50.0
+    )
+    (axes,) = plots.quantization_sweep(runs, 40.0).axes
+    assert [list(line.get_ydata()) for line in axes.lines] == [[50.0], [50.0], [40.0, 40.0]]
+
+
+def test_json_rows_are_read_into_result_objects_with_one_clear_error() -> None:
+    run = {"bits": 9, "block_size": 64, "clip": "none", "holdout": False, "perplexity": 1.0}
+    with pytest.raises(ValueError, match="bits must be an integer from 2 to 8"):
+        plots.quantization_sweep([run])
+    row = {"condition": "original", "perplexity": 10.0, "stopword_mass": None}
+    with pytest.raises(ValueError, match=r"impact rows lack \['kl_divergence', 'ratio'"):
+        plots.impact_bars([row])
+    with pytest.raises(ValueError, match="layer peak lacks"):
+        plots.activation_spikes([{"layer": 0, "input_max": 1.0, "output_max": 1.0}])
+    with pytest.raises(ValueError, match="expected a LayerPeak or its JSON object, got int"):
+        plots.activation_spikes([3])
+
+
 def test_monitoring_history_from_a_csv(tmp_path) -> None:
     key = "sw/train/layer_1.row_5.col_17"
     lines = [f"step,train_loss,{key}/activation,{key}/value"]

@@ -137,3 +137,52 @@ def test_holdout_sweep_keeps_held_weights_exact_and_restores_the_model() -> None
     assert held_and_clip == [(False, "zscore:1"), (True, "zscore:1")]
     assert seen[0] != 8.0 and seen[1] == 8.0  # clipped without holdout, exact with it
     assert all(torch.equal(v, planted.model.state_dict()[k]) for k, v in before.items())
+
+
+def test_report_reuses_detections_peaks_and_runs_no_extra_forward() -> None:
+    """The spikes figure's peaks come from detection's first pass, not a second recording."""
+    from sw_hooks.detect import run_detection
+    from sw_hooks.record import record
+    from sw_hooks.trace import layer_peaks
+
+    planted = planted_llama()
+    ids = planted.calibration_ids(64)
+    prompt = ids[:, :8]
+    forwards: list[str] = []
+    handle = planted.model.register_forward_pre_hook(lambda *_: forwards.append("forward"))
+    try:
+        alone = run_detection(planted.model, prompt, calibration=ids)
+        detection_forwards = len(forwards)
+        forwards.clear()
+        options = ReportOptions(prompt_tokens=8, quantization=())
+        data = collect_report(planted.model, None, ids, options=options, progress=forwards.append)
+    finally:
+        handle.remove()
+    detection_end = forwards.index(next(f for f in forwards if f.startswith("detection: done")))
+    next_stage = forwards.index("residual-stream traces ...")
+    assert forwards[detection_end + 1 : next_stage] == []  # nothing ran between the stages
+    assert forwards[:detection_end].count("forward") == detection_forwards
+    with record(planted.model) as rec, torch.no_grad():
+        planted.model(prompt)
+    assert data.layer_peaks == layer_peaks(rec.stats)
+    assert [peak.to_dict() for peak in alone.layer_peaks] == layer_peaks(rec.stats)
+    assert data.result.layer_peaks == alone.layer_peaks
+    assert (alone.layer_peaks[1].output_channel, alone.layer_peaks[1].input_channel) == (5, 17)
+
+
+def test_report_json_keeps_the_peaks_once_and_reads_version_1(report) -> None:
+    data, out, _ = report
+    saved = json.loads((out / "report.json").read_text())
+    assert "layer_peaks" not in saved and saved["detection"]["layer_peaks"] == data.layer_peaks
+    assert saved["detection"]["layer_peaks"][1]["output_channel"] == 5
+    old_detection = {k: v for k, v in saved["detection"].items() if k != "layer_peaks"}
+    version_1 = {
+        **saved,
+        "schema_version": 1,
+        "detection": old_detection,
+        "layer_peaks": data.layer_peaks,
+    }
+    assert ReportData.from_dict(version_1).layer_peaks == data.layer_peaks
+    without_peaks = {k: v for k, v in version_1.items() if k != "layer_peaks"}
+    with pytest.raises(ValueError, match="lacks"):
+        ReportData.from_dict(without_peaks)

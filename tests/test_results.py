@@ -4,6 +4,7 @@ import pytest
 
 from sw_hooks.results import (
     DetectionResult,
+    LayerPeak,
     SuperWeight,
     load_super_weights,
     save_super_weights,
@@ -53,3 +54,44 @@ def test_bad_files(tmp_path):
         DetectionResult.load(tmp_path / "y.json")
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_super_weights(tmp_path / "missing.json")
+
+
+PEAK = LayerPeak("model.layers.2.mlp.down_proj", 2, 10.0, 7003, 2000.0, 3968)
+
+
+def test_layer_peaks_round_trip_and_old_files_still_load(tmp_path):
+    result = DetectionResult("m", (SW,), passes=1, layer_peaks=(PEAK,))
+    path = tmp_path / "r.json"
+    result.save(path)
+    saved = json.loads(path.read_text())
+    assert saved["layer_peaks"] == [
+        {
+            "module": "model.layers.2.mlp.down_proj",
+            "layer": 2,
+            "input_max": 10.0,
+            "input_channel": 7003,
+            "output_max": 2000.0,
+            "output_channel": 3968,
+        }
+    ]
+    assert DetectionResult.load(path) == result
+    del saved["layer_peaks"]  # a file written before detection kept the peaks
+    path.write_text(json.dumps(saved))
+    assert DetectionResult.load(path).layer_peaks == ()
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"module": "m", "layer": 0, "input_max": 1.0}, "lacks"),
+        ({**PEAK.to_dict(), "input_channel": -1}, "input_channel"),
+        ({**PEAK.to_dict(), "output_max": "big"}, "output_max"),
+        ([1.0, 2.0], "JSON object"),
+    ],
+)
+def test_malformed_layer_peak_is_rejected(bad, message):
+    with pytest.raises(ValueError, match=message):
+        LayerPeak.from_dict(bad)
+    data = DetectionResult("m", (SW,)).to_dict()
+    with pytest.raises(ValueError, match=message):
+        DetectionResult.from_dict({**data, "layer_peaks": [bad]})

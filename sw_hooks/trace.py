@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from sw_hooks.access import oriented_weight
+from sw_hooks.detect import layer_peaks_of
 from sw_hooks.devices import execution_device
 from sw_hooks.hooks import HookSet
 from sw_hooks.locate import find_down_projections, layer_index
@@ -248,20 +249,4 @@ def layer_peaks(stats: Mapping[str, Any]) -> list[dict[str, Any]]:
         >>> [row["output_channel"] for row in layer_peaks(rec.stats)][1]
         5
     """
-    rows = []
-    for name, channel_stats in stats.items():
-        if channel_stats.input is None or channel_stats.output is None:
-            continue
-        input_channel, input_max = channel_stats.input.top()
-        output_channel, output_max = channel_stats.output.top()
-        rows.append(
-            {
-                "module": name,
-                "layer": layer_index(name),
-                "input_max": input_max,
-                "input_channel": input_channel,
-                "output_max": output_max,
-                "output_channel": output_channel,
-            }
-        )
-    return rows
+    return [asdict(peak) for peak in layer_peaks_of(stats)]

@@ -1,86 +1,114 @@
-"""Recording overhead on a tiny mixture-of-experts forward, against no hooks.
+"""Expert recording overhead at OLMoE-1B-7B's expert shape, recording from the kernel vs recomputing.
 
-Runs are interleaved (plain, recorded, plain, recorded, ...) so that load on a shared
-machine hits both sides alike; the median of each side is reported. Writes
-``benchmarks/results/moe.json``.
+The model is OLMoE-shaped with random weights: 64 experts, top-8, hidden 2048, expert
+width 1024, a few layers, a small vocabulary; one batch of 512 tokens. Three variants run
+in one interleaved loop (order rotating each round): a plain forward, recording as
+``record_experts`` does it (read from the experts' own kernel), and recording by
+recomputing every routed expert in a forward hook (the former path, kept as
+``ExpertRecorder(..., _recompute=True)``). Ratios are medians of per-round ratios to the
+plain forward of the same round. Writes ``benchmarks/results/moe.json``.
 
-    python benchmarks/bench_moe.py [--repeats 15] [--tokens 128]
+    python benchmarks/bench_moe.py [--repeats 7] [--layers 2] [--tokens 512]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import time
-from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, OlmoeConfig
 
-from sw_hooks.moe import find_experts, record_experts
-from sw_hooks.testing import tiny_moe_model
+from sw_hooks.moe import ExpertRecorder, find_experts
 
+from _common import interleaved, paired_ratio, write
 
-def _time(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+VARIANTS = ("plain", "record_experts", "recompute (before)")
 
 
-def measure(arch: str, implementation: str, tokens: int, repeats: int) -> dict[str, float | str]:
-    model = tiny_moe_model(arch, num_layers=4)
+def olmoe_shaped(layers: int) -> torch.nn.Module:
+    """OLMoE-1B-7B's layer shape with random weights and a 1024-token vocabulary."""
+    config = OlmoeConfig(
+        vocab_size=1024,
+        hidden_size=2048,
+        intermediate_size=1024,
+        num_hidden_layers=layers,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        num_experts=64,
+        num_experts_per_tok=8,
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def measure(
+    model: torch.nn.Module, implementation: str, ids: torch.Tensor, repeats: int
+) -> dict[str, object]:
     model.set_experts_implementation(implementation)
-    ids = torch.randint(16, 256, (1, tokens), generator=torch.Generator().manual_seed(0))
     experts = find_experts(model)
 
     def plain() -> None:
         with torch.no_grad():
             model(ids)
 
-    def recorded() -> None:
-        with record_experts(model, experts), torch.no_grad():
+    def recorded(recompute: bool) -> None:
+        with ExpertRecorder(model, experts, _recompute=recompute), torch.no_grad():
             model(ids)
 
-    plain(), recorded()  # warm-up
-    base, hooked = [], []
-    for _ in range(repeats):
-        base.append(_time(plain))
-        hooked.append(_time(recorded))
-    base_ms, hooked_ms = statistics.median(base) * 1e3, statistics.median(hooked) * 1e3
+    times = interleaved(
+        {
+            "plain": plain,
+            "record_experts": lambda: recorded(False),
+            "recompute (before)": lambda: recorded(True),
+        },
+        repeats,
+        warmup=1,
+    )
+    medians = {name: sorted(t)[len(t) // 2] * 1e3 for name, t in times.items()}
     return {
-        "arch": arch,
         "experts_implementation": implementation,
-        "tokens": tokens,
-        "no_hooks_ms": round(base_ms, 3),
-        "recording_ms": round(hooked_ms, 3),
-        "ratio": round(hooked_ms / base_ms, 3),
+        "median_ms": {name: round(ms, 1) for name, ms in medians.items()},
+        "ratio_to_plain": {
+            name: round(paired_ratio(times, name, "plain"), 3) for name in VARIANTS[1:]
+        },
+        "rounds_ms": {name: [round(t * 1e3, 1) for t in times[name]] for name in VARIANTS},
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--implementations", nargs="+", default=["grouped_mm", "eager"])
     args = parser.parse_args()
-    torch.manual_seed(0)
-    rows = [
-        measure(arch, implementation, args.tokens, args.repeats)
-        for arch in ("mixtral", "qwen3_moe")
-        for implementation in ("grouped_mm", "eager")
-    ]
+    model = olmoe_shaped(args.layers)
+    ids = torch.randint(0, 1024, (1, args.tokens), generator=torch.Generator().manual_seed(0))
+    rows = [measure(model, impl, ids, args.repeats) for impl in args.implementations]
     print(
-        f"{'arch':<10} {'experts impl':<12} {'no hooks ms':>12} {'recording ms':>13} {'ratio':>6}"
+        f"OLMoE-shaped ({args.layers} layers, 64 experts top-8, hidden 2048, width 1024), "
+        f"1 x {args.tokens} tokens, {args.repeats} interleaved rounds"
     )
-    for r in rows:
-        print(
-            f"{r['arch']:<10} {r['experts_implementation']:<12} {r['no_hooks_ms']:>12.2f} "
-            f"{r['recording_ms']:>13.2f} {r['ratio']:>6.2f}"
-        )
-    out = Path(__file__).parent / "results" / "moe.json"
-    out.parent.mkdir(exist_ok=True)
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "repeats": args.repeats}
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"{'experts impl':<12} {'variant':<20} {'median ms':>10} {'x plain':>8}")
+    for row in rows:
+        for name in VARIANTS:
+            ratio = row["ratio_to_plain"].get(name, 1.0)
+            print(
+                f"{row['experts_implementation']:<12} {name:<20} "
+                f"{row['median_ms'][name]:>10.1f} {ratio:>8.3f}"
+            )
+    shape = {
+        "model": "OLMoE-1B-7B layer shape, random weights",
+        "layers": args.layers,
+        "experts": 64,
+        "top_k": 8,
+        "hidden": 2048,
+        "expert_width": 1024,
+        "tokens": args.tokens,
+        "repeats": args.repeats,
+        "ratio": "median over rounds of variant / plain in the same round",
+    }
+    print(f"wrote {write('moe', {'setup': shape, 'rows': rows})}")
 
 
 if __name__ == "__main__":

@@ -15,18 +15,20 @@ An expert as a whole (a *unit*) is ``(experts module name, expert)``.
 
 How the fused layout is recorded, and why this way: there is no per-expert module to
 hook, and transformers picks the experts' kernel at run time (``grouped_mm`` by default,
-``batched_mm``, a per-expert ``eager`` loop, hub kernels). A ``TorchFunctionMode`` around
-``F.linear`` would see the down-projection only in the eager loop, and wrapping the
-experts' ``forward`` would replace model code. A forward hook on the experts module sees
-what every implementation sees: the hidden states and the router's ``top_k_index``. From
-those the hook recomputes, expert by expert, the down-projection's input and output for
-exactly the tokens routed there, with the module's own parameters and gating
-(``_apply_gate``). The routing counts are therefore the router's own choices, every
-routed token is covered, the model's forward is not touched (it runs whatever kernel it
-chose), and nothing runs when no recorder is attached: dense models pay nothing. The
-price is one extra expert pass on each recorded call (measured in
-``benchmarks/bench_moe.py``); values equal the eager loop's up to the float rounding of
-the kernel the model chose.
+``batched_mm``, a per-expert ``eager`` loop, hub kernels). While recording, the experts
+module's ``forward`` is replaced, on that instance only, by one that runs the same kernel:
+for transformers' ``grouped_mm`` and ``batched_mm`` an observed twin
+(:mod:`sw_hooks.moe_record`) that calls the same grouped and batched linear helpers in the
+same order, so the model's output is bit for bit unchanged, and hands the recorder the
+down-projection's input and output with each row's expert and token. Nothing is computed
+twice. The routing counts are the router's own choices and every routed token is covered.
+For any other kernel (``eager``, hub kernels, expert parallelism), or when something else
+already replaced the module's ``forward`` (e.g. accelerate's offloading hooks), the module
+runs untouched and the recorder recomputes, expert by expert, the down-projection for the
+tokens routed there with the module's own parameters and gating
+(:func:`fused_down_projection`): exact too, at the price of one extra expert pass.
+Nothing runs when no recorder is attached: dense models pay nothing. Costs are measured in
+``benchmarks/bench_moe.py``.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from sw_hooks.detect import (
 from sw_hooks.impact import perplexity
 from sw_hooks.locate import layer_index
 from sw_hooks.masks import ablate
+from sw_hooks.moe_record import DownProjectionObserver, observed_kernel
 from sw_hooks.record import (
     ChannelMaxima,
     ChannelStats,
@@ -335,6 +338,7 @@ class ExpertRecorder:
         *,
         inputs: bool = True,
         outputs: bool = True,
+        _recompute: bool = False,
     ) -> None:
         if not (inputs or outputs):
             raise ValueError(
@@ -342,10 +346,11 @@ class ExpertRecorder:
             )
         self.experts = dict(experts) if experts is not None else find_experts(model)
         self._inputs, self._outputs = inputs, outputs
+        self._recompute = _recompute
         self._masks = TokenMasks()
         self._root_seq_len: int | None = None
         self._stats: dict[str, ExpertStats] = {}
-        self._handles: list[RemovableHandle] = []
+        self._handles: list[RemovableHandle | _ObservedForward] = []
         try:
             self._hook_model(model)
             for unit in self.experts.values():
@@ -355,6 +360,9 @@ class ExpertRecorder:
             raise
 
     def _hook(self, unit: ExpertsModule) -> None:
+        if unit.layout == "fused" and not self._recompute and "forward" not in vars(unit.module):
+            self._handles.append(_ObservedForward(unit.module, self, unit))
+            return
         if unit.layout == "fused":
             hook = self._fused_hook(unit)
             self._handles.append(unit.module.register_forward_hook(hook, with_kwargs=True))
@@ -397,12 +405,59 @@ class ExpertRecorder:
         def fold(
             module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
         ) -> None:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+            hidden, index, _ = _routing_arguments(args, kwargs)
             with torch.no_grad():
                 self._fold(unit.name, self._fused_stats(unit, hidden.detach(), index))
 
         return fold
+
+    def _observer(self, unit: ExpertsModule, num_tokens: int) -> DownProjectionObserver:
+        def observe(
+            inner: torch.Tensor, out: torch.Tensor, expert: torch.Tensor, token: torch.Tensor
+        ) -> None:
+            with torch.no_grad():
+                stats = self._observed_stats(
+                    unit, inner.detach(), out.detach(), expert, token, num_tokens
+                )
+                self._fold(unit.name, stats)
+
+        return observe
+
+    def _observed_stats(
+        self,
+        unit: ExpertsModule,
+        inner: torch.Tensor,
+        out: torch.Tensor,
+        expert: torch.Tensor,
+        token: torch.Tensor,
+        num_tokens: int,
+    ) -> ExpertStats:
+        """The same stats as :meth:`_fused_stats`, from rows the kernel computed.
+
+        Each expert's rows are put in token order, the order the recomputing path gathers
+        them in, so a tie keeps the same (first) token.
+        """
+        count = unit.num_experts
+        mask = self._token_mask
+        if mask is not None and mask.numel() == num_tokens:
+            expert = expert.masked_fill(~mask.to(expert.device)[token], count)
+        tokens = torch.bincount(expert, minlength=count + 1)[:count].cpu()
+        # A token picks an expert at most once, so (expert, token) keys are unique.
+        order = torch.argsort(expert * num_tokens + token)
+        ends = tokens.cumsum(0).tolist()
+        inputs = outputs = None
+        for index in tokens.nonzero().flatten().tolist():
+            rows = order[ends[index] - int(tokens[index]) : ends[index]]
+            positions = token[rows]
+            if self._inputs:
+                if inputs is None:
+                    inputs = _empty_maxima(count, inner.shape[-1], inner.device)
+                _set_row(inputs, index, channel_maxima(inner[rows]), positions)
+            if self._outputs:
+                if outputs is None:
+                    outputs = _empty_maxima(count, out.shape[-1], out.device)
+                _set_row(outputs, index, channel_maxima(out[rows]), positions)
+        return ExpertStats(self._located(inputs), self._located(outputs), tokens, 1)
 
     def _fused_stats(
         self, unit: ExpertsModule, hidden: torch.Tensor, index: torch.Tensor
@@ -479,6 +534,46 @@ class ExpertRecorder:
 
     def __exit__(self, *exc_info: object) -> None:
         self.remove()
+
+
+def _routing_arguments(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(hidden_states, top_k_index, top_k_weights)`` of a fused experts call."""
+    names = ("hidden_states", "top_k_index", "top_k_weights")
+    values = [args[i] if len(args) > i else kwargs.get(name) for i, name in enumerate(names)]
+    return values[0], values[1], values[2]
+
+
+class _ObservedForward:
+    """Replaces one fused experts module's ``forward`` while recording; :meth:`remove` undoes it.
+
+    At each call, a kernel with an observed twin runs as that twin and reports its
+    down-projection; any other runs as the class's own ``forward``, and the recorder
+    recomputes. Extra positional or keyword arguments also take the class's path.
+    """
+
+    def __init__(self, module: nn.Module, recorder: ExpertRecorder, unit: ExpertsModule) -> None:
+        self.module, self.recorder, self.unit = module, recorder, unit
+        self.recompute = recorder._fused_hook(unit)
+        # inspect.signature follows __wrapped__: find_experts still recognises the module.
+        self.__wrapped__ = module.forward
+        module.forward = self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        kernel = observed_kernel(self.module)
+        extra = len(args) > 3 or set(kwargs) - {"hidden_states", "top_k_index", "top_k_weights"}
+        if kernel is None or extra:
+            output = type(self.module).forward(self.module, *args, **kwargs)
+            self.recompute(self.module, args, kwargs, output)
+            return output
+        hidden, index, weights = _routing_arguments(args, kwargs)
+        observe = self.recorder._observer(self.unit, hidden.shape[0])
+        return kernel(self.module, hidden, index, weights, observe)
+
+    def remove(self) -> None:
+        if vars(self.module).get("forward") is self:
+            del self.module.forward
 
 
 def record_experts(

@@ -8,10 +8,12 @@ import pytest
 import torch
 from torch import nn
 
+from sw_hooks import moe
 from sw_hooks.access import WeightElement
 from sw_hooks.locate import find_down_projections
 from sw_hooks.masks import ablate, preserve, restore_activation, scale
 from sw_hooks.moe import (
+    ExpertRecorder,
     detect_expert_weights,
     detect_super_experts,
     find_expert_candidates,
@@ -335,3 +337,70 @@ def test_expert_recording_through_a_wrapper_leaves_padding_out(mixtral):
         assert got.tokens.tolist() == expected.tokens.tolist()
         assert int(got.tokens.sum()) == 39 * mixtral.model.config.num_experts_per_tok
         assert torch.equal(got.output.abs_max, expected.output.abs_max)
+
+
+@pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm"])
+def test_recording_runs_each_expert_once_and_leaves_the_output_unchanged(
+    implementation, monkeypatch
+):
+    planted = planted_moe("olmoe")
+    model, ids = planted.model, planted.calibration_ids(length=32)
+    model.set_experts_implementation(implementation)
+    recomputed: list[int] = []
+
+    def counting(experts, hidden, expert):
+        recomputed.append(expert)
+        return fused_down_projection(experts, hidden, expert)
+
+    monkeypatch.setattr(moe, "fused_down_projection", counting)
+    with torch.no_grad():
+        plain = model(ids).logits
+        with record_experts(model) as recorder:
+            recorded = model(ids).logits
+    assert recomputed == []
+    assert torch.equal(recorded, plain)
+    assert int(recorder.stats["model.layers.0.mlp.experts"].tokens.sum()) == 32 * 2
+    assert all("forward" not in vars(e.module) for e in find_experts(model).values())
+
+
+@pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm", "eager"])
+def test_recording_from_the_kernel_equals_recomputing(planted, implementation):
+    model = planted.model
+    ids = torch.cat([planted.prompt(), planted.calibration_ids(length=planted.prompt().shape[1])])
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    model.set_experts_implementation(implementation)
+    stats = []
+    try:
+        for recompute in (False, True):
+            with ExpertRecorder(model, _recompute=recompute) as recorder, torch.no_grad():
+                model(input_ids=ids, attention_mask=mask)
+            stats.append(recorder.stats)
+    finally:
+        model.set_experts_implementation("grouped_mm")
+    observed, recomputed = stats
+    assert list(observed) == list(recomputed)
+    for name, a in observed.items():
+        b = recomputed[name]
+        assert a.tokens.tolist() == b.tokens.tolist() and a.calls == b.calls == 1
+        for side in ("input", "output"):
+            x, y = getattr(a, side), getattr(b, side)
+            torch.testing.assert_close(x.abs_max, y.abs_max, rtol=1e-5, atol=1e-6)
+            assert torch.equal(x.token, y.token) and torch.equal(x.batch, y.batch)
+
+
+def test_experts_stay_findable_and_prunable_while_recorded(mixtral):
+    model, ids = mixtral.model, mixtral.calibration_ids(length=16)
+    with record_experts(model) as outer, torch.no_grad():
+        assert list(find_experts(model)) == list(outer.experts)
+        with (
+            record_experts(model) as inner,
+            prune_experts(model, ("model.layers.2.mlp.experts", 6)),
+        ):
+            model(ids)
+    for name, stats in outer.stats.items():
+        assert stats.tokens.tolist() == inner.stats[name].tokens.tolist()
+        # The outer recorder reads the kernel, the inner one (forward taken) recomputes.
+        torch.testing.assert_close(
+            stats.output.abs_max, inner.stats[name].output.abs_max, rtol=1e-5, atol=1e-6
+        )

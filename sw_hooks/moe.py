@@ -43,7 +43,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from sw_hooks.access import WeightElement
 from sw_hooks.detect import (
@@ -55,6 +54,7 @@ from sw_hooks.detect import (
     forward_on_device,
     spiking_layers,
 )
+from sw_hooks.hooks import HookSet
 from sw_hooks.impact import perplexity
 from sw_hooks.locate import layer_index
 from sw_hooks.masks import ablate
@@ -350,26 +350,27 @@ class ExpertRecorder:
         self._masks = TokenMasks()
         self._root_seq_len: int | None = None
         self._stats: dict[str, ExpertStats] = {}
-        self._handles: list[RemovableHandle | _ObservedForward] = []
+        self._hooks = HookSet()
         try:
-            self._hook_model(model)
-            for unit in self.experts.values():
-                self._hook(unit)
+            with self._hooks.registering():
+                self._hook_model(model)
+                for unit in self.experts.values():
+                    self._hook(unit)
         except BaseException:
             self.remove()
             raise
 
     def _hook(self, unit: ExpertsModule) -> None:
         if unit.layout == "fused" and not self._recompute and "forward" not in vars(unit.module):
-            self._handles.append(_ObservedForward(unit.module, self, unit))
+            self._hooks.add(_ObservedForward(unit.module, self, unit))
             return
         if unit.layout == "fused":
             hook = self._fused_hook(unit)
-            self._handles.append(unit.module.register_forward_hook(hook, with_kwargs=True))
+            self._hooks.forward(unit.module, hook, with_kwargs=True)
             return
         for expert in range(unit.num_experts):
             down = unit.expert_down_projection(expert)
-            self._handles.append(down.register_forward_hook(self._list_hook(unit, expert)))
+            self._hooks.forward(down, self._list_hook(unit, expert))
 
     def _hook_model(self, model: nn.Module) -> None:
         """Padding masks where the model that receives them sits; the sequence length."""
@@ -385,11 +386,9 @@ class ExpertRecorder:
         def release(*_: Any) -> None:
             self._root_seq_len = None
 
-        self._handles.append(model.register_forward_pre_hook(capture, with_kwargs=True))
-        self._handles.append(
-            model.register_forward_hook(release, with_kwargs=True, always_call=True)
-        )
-        self._masks.attach(model, [u.module for u in self.experts.values()], self._handles)
+        self._hooks.pre(model, capture, with_kwargs=True)
+        self._hooks.forward(model, release, with_kwargs=True, always_call=True)
+        self._masks.attach(model, [u.module for u in self.experts.values()], self._hooks)
 
     @property
     def _token_mask(self) -> torch.Tensor | None:
@@ -524,8 +523,7 @@ class ExpertRecorder:
 
     def remove(self) -> None:
         """Remove every hook, newest first. Safe to call twice."""
-        while self._handles:
-            self._handles.pop().remove()
+        self._hooks.remove()
         self._masks.clear()
         self._root_seq_len = None
 
@@ -747,21 +745,18 @@ class ExpertPruning:
                 raise ValueError(f"{name} has no expert {expert!r}")
             self._pruned.setdefault(name, []).append(expert)
         self._experts = experts
-        self._handles: list[RemovableHandle] = []
+        self._hooks = HookSet()
 
     def __enter__(self) -> ExpertPruning:
-        try:
+        with self._hooks.registering():
             for name, pruned in self._pruned.items():
                 self._hook(self._experts[name], pruned)
-        except BaseException:
-            self.__exit__()
-            raise
         return self
 
     def _hook(self, unit: ExpertsModule, pruned: list[int]) -> None:
         if unit.layout == "list":
             for expert in pruned:
-                self._handles.append(unit.module[expert].register_forward_hook(_zero_output))
+                self._hooks.forward(unit.module[expert], _zero_output)
             return
         pruned_ids = torch.tensor(pruned)
 
@@ -775,11 +770,10 @@ class ExpertPruning:
                 kwargs["top_k_weights"] = kwargs["top_k_weights"].masked_fill(hit, 0)
             return tuple(args), kwargs
 
-        self._handles.append(unit.module.register_forward_pre_hook(zero_routing, with_kwargs=True))
+        self._hooks.pre(unit.module, zero_routing, with_kwargs=True)
 
     def __exit__(self, *exc_info: object) -> None:
-        while self._handles:
-            self._handles.pop().remove()
+        self._hooks.remove()
 
 
 def _zero_output(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:

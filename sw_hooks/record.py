@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from sw_hooks.hooks import HookSet
 from sw_hooks.locate import find_down_projections
@@ -201,19 +200,14 @@ class TokenMasks:
         self,
         model: nn.Module,
         recorded: Iterable[nn.Module],
-        hooks: HookSet | list[RemovableHandle],
+        hooks: HookSet,
     ) -> None:
-        """Hook the mask receivers of ``model`` on the way to ``recorded``, into ``hooks``.
-
-        ``hooks`` is the owner's :class:`~sw_hooks.hooks.HookSet` (a plain list of handles
-        is still taken, for owners that keep their own).
-        """
-        keep = hooks.add if isinstance(hooks, HookSet) else hooks.append
+        """Hook the mask receivers of ``model`` on the way to ``recorded``, into ``hooks``."""
         # Eager under torch.compile, like the recorder's own bookkeeping.
         enter, leave = torch.compiler.disable(self._enter), torch.compiler.disable(self._leave)
         for module in mask_receivers(model, recorded):
-            keep(module.register_forward_pre_hook(enter, with_kwargs=True))
-            keep(module.register_forward_hook(leave, with_kwargs=True, always_call=True))
+            hooks.pre(module, enter, with_kwargs=True)
+            hooks.forward(module, leave, with_kwargs=True, always_call=True)
 
     def clear(self) -> None:
         self._stack.clear()

@@ -251,11 +251,8 @@ def measure_impacts(
         if index == 0 and progress:
             # Before screening every candidate counts; the LM head is not: a rough figure.
             left = len(windows) * _window_cost(runner, states, joint_start) - 1.0
-            seconds = (time.perf_counter() - started) / runner.forwards * left
-            progress(
-                f"verify {len(states)} candidate(s) over {len(windows)} window(s): "
-                f"about {seconds:.0f} s left"
-            )
+            what = f"verify {len(states)} candidate(s) over {len(windows)} window(s)"
+            progress(f"{what}: about {_seconds_for(left, runner, started):.0f} s left")
         _measure_window(model, runner, states, joint, joint_start, chunk, targets)
         if index == 0:
             first_window = _Loss(baseline.total, baseline.tokens)
@@ -263,11 +260,8 @@ def measure_impacts(
                 _screen(states, first_window, settings)
         if progress:
             left = (len(windows) - index - 1) * _window_cost(runner, states, joint_start)
-            seconds = (time.perf_counter() - started) / runner.forwards * left
-            progress(
-                f"verify window {index + 1}/{len(windows)}: {runner.forwards:.1f} forwards "
-                f"so far, about {seconds:.0f} s left"
-            )
+            what = f"verify window {index + 1}/{len(windows)}: {runner.forwards:.1f} forwards"
+            progress(f"{what} so far, about {_seconds_for(left, runner, started):.0f} s left")
     measured = [
         _verdict(s, first_window if s.screened else baseline, settings, progress) for s in states
     ]
@@ -297,6 +291,11 @@ def _measure_window(
     if states:
         with ablate(model, [s.weight for s in states]):
             joint.add(runner.run(chunk, joint_start), targets)
+
+
+def _seconds_for(forwards: float, runner: _Runner, started: float) -> float:
+    """Time ``forwards`` more forward-equivalents take at the pace measured so far."""
+    return (time.perf_counter() - started) / runner.forwards * forwards
 
 
 def _window_cost(runner: _Runner, states: list[_Candidate], joint_start: int | None) -> float:

@@ -1,8 +1,9 @@
 """sw_hooks: find, verify and handle super weights in transformer models with PyTorch hooks."""
 
-from sw_hooks.access import WeightElement, oriented_weight
+from sw_hooks.access import Coordinate, WeightElement, oriented_weight
 from sw_hooks.analyzer import TransformerAnalyzer
 from sw_hooks.detect import DetectionOptions, detect, run_detection, spike_candidates
+from sw_hooks.export import ApplyReport, Manifest, apply_manifest, read_manifest, write_manifest
 from sw_hooks.impact import compare, impact, perplexity, table1
 from sw_hooks.known import check_against_known, known_super_weights
 from sw_hooks.locate import KNOWN_DOWN_PROJECTIONS, find_down_projections, layer_index
@@ -42,6 +43,12 @@ from sw_hooks.trace import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ApplyReport",
+    "Coordinate",
+    "Manifest",
+    "apply_manifest",
+    "read_manifest",
+    "write_manifest",
     "DetectionOptions",
     "TransformerAnalyzer",
     "check_against_known",

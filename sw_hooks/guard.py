@@ -24,7 +24,14 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from sw_hooks.access import Coordinate, WeightElement, _is_dtensor, _local_shard_target
+from sw_hooks.access import (
+    Coordinate,
+    CoordinateLike,
+    WeightElement,
+    _is_dtensor,
+    _local_shard_target,
+    coordinates_of,
+)
 from sw_hooks.hooks import HookSet
 from sw_hooks.masks import WeightMask, preserve
 
@@ -63,20 +70,24 @@ class WeightGuard:
     """
 
     def __init__(
-        self, model: nn.Module, weights: Iterable[Coordinate], mode: str = "restore"
+        self,
+        model: nn.Module,
+        weights: Iterable[CoordinateLike] | CoordinateLike,
+        mode: str = "restore",
     ) -> None:
         if mode not in GUARD_MODES:
             raise ValueError(f"guard mode must be one of {GUARD_MODES}, got {mode!r}")
         self.mode = mode
         self._model = model
-        self._weights = list(weights)
+        self._weights = coordinates_of(weights)
         self._elements = [WeightElement.resolve(model, w) for w in self._weights]
         self._saved: WeightMask | None = None
         self._hooks = HookSet()
 
     @property
-    def coordinates(self) -> list[tuple[str, int, int]]:
-        return [(e.module_name, e.row, e.col) for e in self._elements]
+    def coordinates(self) -> list[Coordinate]:
+        """The guarded elements, each a :class:`Coordinate` (its expert included)."""
+        return [e.coordinate for e in self._elements]
 
     def attach(self, *optimizers: Optimizer, freeze_before_step: bool = True) -> WeightGuard:
         """Check each optimizer, then hook its step; the weights' current values are kept.
@@ -152,7 +163,7 @@ def _element_states(optimizer: Optimizer, parameter: torch.Tensor) -> list[torch
 
 def guard(
     model: nn.Module,
-    weights: Iterable[Coordinate],
+    weights: Iterable[CoordinateLike] | CoordinateLike,
     *optimizers: Optimizer,
     mode: str = "restore",
 ) -> WeightGuard:

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sw_hooks.access import Coordinate, WeightElement
+from sw_hooks.access import CoordinateLike, WeightElement, coordinates_of
 from sw_hooks.hooks import HookSet
 from sw_hooks.results import SuperWeight
 
@@ -115,13 +115,14 @@ class WeightMask:
     """
 
     def __init__(
-        self, model: nn.Module, weights: Iterable[Coordinate], transform: Transform | None
+        self,
+        model: nn.Module,
+        weights: Iterable[CoordinateLike] | CoordinateLike,
+        transform: Transform | None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
-        if _looks_like_one_coordinate(weights):
-            weights = [weights]
-        self._elements = [WeightElement.resolve(model, w) for w in weights]
+        self._elements = [WeightElement.resolve(model, w) for w in coordinates_of(weights)]
         self._transform = transform
         self._saved: list[_Hold] = []
 
@@ -167,18 +168,11 @@ class WeightMask:
         self.restore()
 
 
-def _looks_like_one_coordinate(weights: Any) -> bool:
-    # (module, row, col) or, inside a mixture-of-experts layer, (module, expert, row, col).
-    return isinstance(weights, SuperWeight) or (
-        isinstance(weights, tuple) and len(weights) in (3, 4) and isinstance(weights[0], str)
-    )
-
-
 def _zero(original: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(original)
 
 
-def ablate(model: nn.Module, weights: Iterable[Coordinate] | Coordinate) -> WeightMask:
+def ablate(model: nn.Module, weights: Iterable[CoordinateLike] | CoordinateLike) -> WeightMask:
     """Zero the listed weights inside the context.
 
     Example:
@@ -193,7 +187,7 @@ def ablate(model: nn.Module, weights: Iterable[Coordinate] | Coordinate) -> Weig
 
 
 def scale(
-    model: nn.Module, weights: Iterable[Coordinate] | Coordinate, factor: float
+    model: nn.Module, weights: Iterable[CoordinateLike] | CoordinateLike, factor: float
 ) -> WeightMask:
     """Multiply the listed weights by ``factor`` inside the context (computed in float32)."""
     if not isinstance(factor, int | float) or isinstance(factor, bool) or not math.isfinite(factor):
@@ -205,7 +199,7 @@ def scale(
     return WeightMask(model, weights, multiply)
 
 
-def preserve(model: nn.Module, weights: Iterable[Coordinate] | Coordinate) -> WeightMask:
+def preserve(model: nn.Module, weights: Iterable[CoordinateLike] | CoordinateLike) -> WeightMask:
     """Remember the listed weights and write them back on exit, whatever happened inside.
 
     Call :meth:`WeightMask.write_back` to put them back early (e.g. after each optimizer step).

@@ -32,14 +32,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from sw_hooks.access import Coordinate, WeightElement, as_triple
+from sw_hooks.access import Coordinate, CoordinateLike, WeightElement
 from sw_hooks.locate import layer_index
 from sw_hooks.record import ChannelStats
 from sw_hooks.results import SuperWeight
 
 EVENT_KINDS = ("found", "appeared", "collapsed", "drifted", "recovered")
 WARNING_KINDS = ("appeared", "collapsed", "drifted")
-ValueReader = Callable[[nn.Module, tuple[str, int, int]], float]
+ValueReader = Callable[[nn.Module, Coordinate], float]
 Warn = Callable[[str], None]
 
 
@@ -84,7 +84,7 @@ def module_tag(module: str) -> str:
     return f"layer_{index}" if index is not None else re.sub(r"[^\w]", "_", module)
 
 
-def read_weight(model: nn.Module, coordinate: tuple[str, int, int]) -> float:
+def read_weight(model: nn.Module, coordinate: Coordinate) -> float:
     """The weight's value as a float (gathers an FSDP2 shard: call it on every rank)."""
     return WeightElement.resolve(model, coordinate).read_float()
 
@@ -120,7 +120,7 @@ class SpikeTracker:
 
     def __init__(
         self,
-        super_weights: Iterable[SuperWeight | Coordinate] = (),
+        super_weights: Iterable[CoordinateLike] = (),
         *,
         collapse_factor: float = 10.0,
         drift_fraction: float = 0.5,
@@ -133,7 +133,7 @@ class SpikeTracker:
         self.collapse_factor = float(collapse_factor)
         self.drift_fraction = float(drift_fraction)
         self.spike_options = dict(spike_options or {})
-        self._tracked: dict[tuple[str, int, int], _Tracked] = {}
+        self._tracked: dict[Coordinate, _Tracked] = {}
         self.events: list[WeightEvent] = []
         self.recordings = 0
         for weight in super_weights:
@@ -152,9 +152,9 @@ class SpikeTracker:
             for weight, t in zip(renamed, self._tracked.values(), strict=True)
         }
 
-    def status(self, coordinate: Coordinate) -> set[str]:
+    def status(self, coordinate: CoordinateLike) -> set[str]:
         """The weight's current flags: a subset of ``{"collapsed", "drifted"}``."""
-        return set(self._tracked[as_triple(coordinate)].flags)
+        return set(self._tracked[Coordinate.of(coordinate)].flags)
 
     def update(
         self,
@@ -177,12 +177,12 @@ class SpikeTracker:
         model: nn.Module,
         stats: Mapping[str, ChannelStats],
         read_value: ValueReader = read_weight,
-    ) -> dict[tuple[str, int, int], tuple[float, float]]:
+    ) -> dict[Coordinate, tuple[float, float]]:
         """``{coordinate: (value, super activation)}`` of every known weight recorded in ``stats``."""
         return {
             coordinate: (read_value(model, coordinate), _activation(stats, coordinate))
             for coordinate in self._tracked
-            if coordinate[0] in stats
+            if coordinate.module in stats
         }
 
     def _new_spikes(self, model, stats, step: int, stage: str) -> list[WeightEvent]:
@@ -201,7 +201,7 @@ class SpikeTracker:
     def _check_known(self, model, stats, step: int, stage: str, read_value) -> list[WeightEvent]:
         events = []
         for coordinate, tracked in self._tracked.items():
-            if coordinate[0] not in stats:
+            if coordinate.module not in stats:
                 continue  # not recorded this time: no evidence either way
             value, activation = read_value(model, coordinate), _activation(stats, coordinate)
             if tracked.reference_activation is None:
@@ -273,30 +273,26 @@ class SpikeTracker:
         self.recordings = int(state["recordings"])
 
 
-def as_super_weight(weight: SuperWeight | Coordinate) -> SuperWeight:
-    """A :class:`SuperWeight` from a ``(module, row, col)`` tuple (value filled in later)."""
-    expert = (
-        weight[1]
-        if isinstance(weight, tuple) and len(weight) == 4
-        else getattr(weight, "expert", None)
-    )
-    if expert is not None:
+def as_super_weight(weight: CoordinateLike) -> SuperWeight:
+    """A :class:`SuperWeight` from any coordinate (a bare one gets its value later)."""
+    coordinate = Coordinate.of(weight)
+    if coordinate.expert is not None:
         raise ValueError(
-            f"{weight!r} is inside an expert: the training monitor tracks dense down-projections "
-            "only; record experts with sw_hooks.moe.record_experts"
+            f"{coordinate.as_tuple()!r} is inside an expert: the training monitor tracks dense "
+            "down-projections only; record experts with sw_hooks.moe.record_experts"
         )
     if isinstance(weight, SuperWeight):
         return weight
-    module, row, col = as_triple(weight)
+    module, row, col = coordinate.module, coordinate.row, coordinate.col
     return SuperWeight(module=module, layer=layer_index(module), row=row, col=col, value=0.0)
 
 
-def _activation(stats: Mapping[str, ChannelStats], coordinate: tuple[str, int, int]) -> float:
-    output = stats[coordinate[0]].output
-    return float(output.abs_max[coordinate[1]]) if output is not None else 0.0
+def _activation(stats: Mapping[str, ChannelStats], coordinate: Coordinate) -> float:
+    output = stats[coordinate.module].output
+    return float(output.abs_max[coordinate.row]) if output is not None else 0.0
 
 
-def qualify(model: nn.Module, weights: Iterable[SuperWeight | Coordinate]) -> list[SuperWeight]:
+def qualify(model: nn.Module, weights: Iterable[CoordinateLike]) -> list[SuperWeight]:
     """Rename each weight's module to its full name inside ``model``.
 
     Coordinates are usually given relative to the bare transformer
@@ -465,7 +461,7 @@ def fold_recording(
 def metric_values(
     stats: Mapping[str, ChannelStats],
     tracker: SpikeTracker,
-    current: Mapping[tuple[str, int, int], tuple[float, float]],
+    current: Mapping[Coordinate, tuple[float, float]],
     events: Iterable[WeightEvent] = (),
     *,
     stage: str = "train",
@@ -491,9 +487,10 @@ def metric_values(
             maxima = getattr(module_stats, side)
             if maxima is not None:
                 values[f"{base}/{module_tag(name)}/{side}_max"] = float(maxima.abs_max.max())
-    for (module, row, col), (value, activation) in current.items():
-        values[f"{base}/{weight_tag(module, row, col)}/value"] = float(value)
-        values[f"{base}/{weight_tag(module, row, col)}/activation"] = float(activation)
+    for coordinate, (value, activation) in current.items():
+        tag = weight_tag(coordinate.module, coordinate.row, coordinate.col)
+        values[f"{base}/{tag}/value"] = float(value)
+        values[f"{base}/{tag}/activation"] = float(activation)
     values[f"{base}/super_weights"] = float(len(tracker.super_weights))
     for kind in EVENT_KINDS:
         values[f"{prefix}/events/{kind}"] = float(sum(e.kind == kind for e in tracker.events))

@@ -31,9 +31,8 @@ from torch import nn
 
 from sw_hooks.access import (
     Coordinate,
+    CoordinateLike,
     WeightElement,
-    as_expert_coordinate,
-    as_triple,
     oriented_shape,
     oriented_weight,
 )
@@ -380,7 +379,7 @@ def select_modules(
 
 
 def resolve_holdout(
-    model: nn.Module, holdout: Iterable[Coordinate] | None
+    model: nn.Module, holdout: Iterable[CoordinateLike] | None
 ) -> dict[str, list[tuple[int, int]]]:
     """``{module: [(row, col), ...]}`` in ``[out, in]`` order, every coordinate checked.
 
@@ -397,13 +396,14 @@ def resolve_holdout(
     if hasattr(holdout, "super_weights"):  # a DetectionResult: its super_weights
         holdout = holdout.super_weights
     grouped: dict[str, list[tuple[int, int]]] = {}
-    for coordinate in holdout:
-        if as_expert_coordinate(coordinate)[1] is not None:
+    for coordinate in map(Coordinate.of, holdout):
+        if coordinate.expert is not None:
             raise ValueError(
-                f"{coordinate!r} is inside a fused expert parameter, which quantize_model does "
-                "not quantize (it quantizes 2-D linear weights); leave it out of the holdout"
+                f"{coordinate.as_tuple()!r} is inside a fused expert parameter, which "
+                "quantize_model does not quantize (it quantizes 2-D linear weights); leave it "
+                "out of the holdout"
             )
-        element = WeightElement.resolve(model, as_triple(coordinate))
+        element = WeightElement.resolve(model, coordinate)
         grouped.setdefault(element.module_name, []).append((element.row, element.col))
     return grouped
 
@@ -448,7 +448,7 @@ class QuantizedModel:
         model: nn.Module,
         config: QuantConfig,
         *,
-        holdout: Iterable[Coordinate] | None = None,
+        holdout: Iterable[CoordinateLike] | None = None,
         modules: str | Sequence[str] | ModuleFilter | None = None,
     ) -> None:
         self.config = _require_config(config)
@@ -505,7 +505,7 @@ def quantize_model(
     model: nn.Module,
     config: QuantConfig,
     *,
-    holdout: Iterable[Coordinate] | None = None,
+    holdout: Iterable[CoordinateLike] | None = None,
     modules: str | Sequence[str] | ModuleFilter | None = None,
 ) -> QuantizedModel:
     """Fake-quantize the chosen linear weights in place now; hold the super weights out.
@@ -565,7 +565,7 @@ def quantize_activation_tokens(
 
 
 def _activation_holdout(
-    model: nn.Module, chosen: dict[str, nn.Module], holdout: Iterable[Coordinate] | None
+    model: nn.Module, chosen: dict[str, nn.Module], holdout: Iterable[CoordinateLike] | None
 ) -> dict[str, list[int]]:
     """Input channels to hold out, per module.
 
@@ -598,7 +598,7 @@ def quantize_activations(
     bits: int = 8,
     *,
     modules: str | Sequence[str] | ModuleFilter | None = None,
-    holdout: Iterable[Coordinate] | None = None,
+    holdout: Iterable[CoordinateLike] | None = None,
 ) -> Iterator[dict[str, list[int]]]:
     """Fake-quantize the inputs of the chosen linear modules per token (W8A8 style).
 
@@ -659,7 +659,7 @@ class SweepRun:
 def holdout_sweep(
     model: nn.Module,
     configs: Iterable[QuantConfig],
-    super_weights: Iterable[Coordinate],
+    super_weights: Iterable[CoordinateLike],
     measure: Callable[[], float],
     *,
     progress: Callable[[str], None] | None = None,

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from sw_hooks.access import Coordinate
+
 SCHEMA_VERSION = 1
 
 VERDICTS = ("super", "candidate")
@@ -54,8 +56,9 @@ class SuperWeight:
             raise ValueError(f"row and col must be non-negative, got [{self.row}, {self.col}]")
 
     @property
-    def coordinate(self) -> tuple[str, int, int]:
-        return (self.module, self.row, self.col)
+    def coordinate(self) -> Coordinate:
+        """Where this weight is, its expert included."""
+        return Coordinate(self.module, self.row, self.col, self.expert)
 
     def with_impact(self, impact: float, min_impact: float) -> SuperWeight:
         """A copy carrying a measured impact and the verdict it earns."""

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sw_hooks.access import Coordinate
+from sw_hooks.access import CoordinateLike
 from sw_hooks.locate import find_down_projections
 from sw_hooks.metrics import ChannelMax, module_channels
 from sw_hooks.monitor import (
@@ -88,7 +88,7 @@ class MonitorSession:
         pattern: str | re.Pattern[str] | None = None,
         *,
         every_n_steps: int = 1,
-        super_weights: Iterable[SuperWeight | Coordinate] = (),
+        super_weights: Iterable[CoordinateLike] = (),
         collapse_factor: float = 10.0,
         drift_fraction: float = 0.5,
         spike_options: Mapping[str, Any] | None = None,

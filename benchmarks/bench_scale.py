@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sw_hooks.testing import PlantedWeight, plant_super_weight
+from sw_hooks.testing import PlantedWeight, byte_tokenizer, plant_super_weight
 
 from _common import RESULTS, environment
 
@@ -137,18 +137,9 @@ def fp32_bytes(model: nn.Module) -> int:
 # -- tokenizer and text ----------------------------------------------------------------------
 def save_byte_tokenizer(folder: Path) -> Any:
     """Save (and return) a 256-token byte-level tokenizer: any text, no download."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token=alphabet[0], eos_token=alphabet[0]
-    )
-    fast.save_pretrained(folder)
-    return fast
+    tokenizer = byte_tokenizer()
+    tokenizer.save_pretrained(folder)
+    return tokenizer
 
 
 def calibration_text(tokenizer: Any, tokens: int, seed: int = 0) -> str:

@@ -561,3 +561,21 @@ def to_expert_list(model: nn.Module) -> nn.Module:
             for e in range(fused.down_proj.shape[0])
         )
     return model
+
+
+def byte_tokenizer() -> Any:
+    """A 256-token byte-level tokenizer built locally: any text, nothing downloaded.
+
+    For tiny test models saved as checkpoints (``tokenizer.save_pretrained(folder)``), so
+    that :func:`sw_hooks.models.load_model` and the CLI can load them like real ones.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=alphabet[0], eos_token=alphabet[0]
+    )

@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from sw_hooks.testing import byte_tokenizer
+
 pytestmark = pytest.mark.slow
 
 NEVER_LOADED = "/nonexistent/sw-hooks-model-never-loaded.gguf"
@@ -158,18 +160,7 @@ ROWS: list[tuple[list[str], str]] = [
 
 
 def _byte_tokenizer(directory: Path) -> None:
-    """Save a 256-token byte-level tokenizer: any text, no download."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token=alphabet[0], eos_token=alphabet[0]
-    )
-    fast.save_pretrained(directory)
+    byte_tokenizer().save_pretrained(directory)
 
 
 def _save_without_down_projection(directory: Path) -> None:

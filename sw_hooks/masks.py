@@ -360,7 +360,8 @@ def _check_restorable(weight: object) -> None:
         raise ValueError(
             f"restore_activation(): {weight.module} [{weight.row}, {weight.col}] has token "
             f"position {position!r}, so where to write its activation is unknown; record "
-            "with locations=True (the default) to keep the token of each maximum"
+            "with locations (the default keeps them for the largest channels, spikes "
+            "included; locations=True for every channel)"
         )
 
 

@@ -16,8 +16,8 @@ import statistics
 import torch
 
 from sw_hooks import calibration_text, load_model, tokenize
-from sw_hooks.detect import DetectionOptions, forward_on_device, run_detection
-from sw_hooks.magnitude import decoder_linears, largest_weights
+from sw_hooks.analysis.detect import DetectionOptions, forward_on_device, run_detection
+from sw_hooks.analysis.magnitude import decoder_linears, largest_weights
 
 from _common import interleaved, paired_ratio, time_call, write
 

@@ -18,7 +18,7 @@ import argparse
 import torch
 from transformers import AutoModelForCausalLM, OlmoeConfig
 
-from sw_hooks.moe import ExpertRecorder, find_experts
+from sw_hooks.core.moe import ExpertRecorder, find_experts
 
 from _common import interleaved, paired_ratio, write
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from sw_hooks.metrics import ChannelMax
-from sw_hooks.monitor import SpikeTracker, metric_values
-from sw_hooks.record import LOCATED_CHANNELS, record
+from sw_hooks.core.record import LOCATED_CHANNELS, record
+from sw_hooks.training.metrics import ChannelMax
+from sw_hooks.training.monitor import SpikeTracker, metric_values
 
 
 def load(name: str):

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from sw_hooks.models import load_model
-from sw_hooks.quantize import (
+from sw_hooks.quant.quantize import (
     QuantConfig,
     choose_qparams,
     fake_quantize,

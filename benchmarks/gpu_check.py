@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from sw_hooks.detect import run_detection
-from sw_hooks.record import record
+from sw_hooks.analysis.detect import run_detection
+from sw_hooks.core.record import record
 
 SHAPES = {
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,

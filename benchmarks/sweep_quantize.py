@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from sw_hooks.impact import perplexity
+from sw_hooks.analysis.impact import perplexity
 from sw_hooks.models import calibration_text, load_model, tokenize
-from sw_hooks.quantize import QuantConfig, quantize_activations, quantize_model
+from sw_hooks.quant.quantize import QuantConfig, quantize_activations, quantize_model
 
 RESULTS = Path(__file__).parent / "results" / "quantize_sweep.json"
 SUPER_WEIGHT = ("model.layers.11.mlp.down_proj", 507, 1229)

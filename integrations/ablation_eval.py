@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).parent))
 from common import SUPER_WEIGHT, chunks, model_and_tokenizer  # noqa: E402
 
-from sw_hooks.lightning import SuperWeightAblation  # noqa: E402
+from sw_hooks.training.lightning import SuperWeightAblation  # noqa: E402
 
 
 class CausalLM(pl.LightningModule):

@@ -14,7 +14,7 @@ from transformers import Trainer, TrainingArguments
 sys.path.insert(0, str(Path(__file__).parent))
 from common import SUPER_WEIGHT, chunks, model_and_tokenizer  # noqa: E402
 
-from sw_hooks.hf import SuperWeightCallback  # noqa: E402
+from sw_hooks.training.hf import SuperWeightCallback  # noqa: E402
 
 
 def main(model=None, tokenizer=None, steps: int = 3, out: str = "hf_out") -> dict:

@@ -13,8 +13,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import SUPER_WEIGHT, chunks, model_and_tokenizer  # noqa: E402
 
-from sw_hooks.guard import guard  # noqa: E402
-from sw_hooks.monitor import watch  # noqa: E402
+from sw_hooks.training.guard import guard  # noqa: E402
+from sw_hooks.training.monitor import watch  # noqa: E402
 
 
 def main(model=None, tokenizer=None, steps: int = 2) -> dict:

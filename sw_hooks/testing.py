@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from sw_hooks.access import WeightElement, oriented_weight
-from sw_hooks.locate import find_down_projections, is_transposed, layer_index
-from sw_hooks.results import SuperWeight
+from sw_hooks.core.access import WeightElement, oriented_weight
+from sw_hooks.core.locate import find_down_projections, is_transposed, layer_index
+from sw_hooks.core.results import SuperWeight
 
 ARCHITECTURES: tuple[str, ...] = (
     "llama",
@@ -166,9 +166,9 @@ class PlantedModel:
     def recorded_super_weight(self, ids: torch.Tensor, **record_options: Any) -> SuperWeight:
         """The first causal planted weight as a ``SuperWeight``, its activation recorded on ``ids``.
 
-        ``record_options`` go to :func:`~sw_hooks.record.record` (e.g. ``locations=False``).
+        ``record_options`` go to :func:`~sw_hooks.core.record.record` (e.g. ``locations=False``).
         """
-        from sw_hooks.record import record
+        from sw_hooks.core.record import record
 
         p = self.causal[0]
         with record(self.model, **record_options) as recorder, torch.no_grad():

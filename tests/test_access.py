@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sw_hooks.access import Coordinate, WeightElement, coordinates_of
-from sw_hooks.guard import WeightGuard
-from sw_hooks.masks import ablate
-from sw_hooks.monitor import SpikeTracker
-from sw_hooks.quantize import QuantConfig, quantize_model, resolve_holdout
-from sw_hooks.record import record
-from sw_hooks.results import SuperWeight
-from sw_hooks.session import MonitorSession
+from sw_hooks.core.access import Coordinate, WeightElement, coordinates_of
+from sw_hooks.core.masks import ablate
+from sw_hooks.core.record import record
+from sw_hooks.core.results import SuperWeight
+from sw_hooks.quant.quantize import QuantConfig, quantize_model, resolve_holdout
 from sw_hooks.testing import planted_llama, planted_moe
+from sw_hooks.training.guard import WeightGuard
+from sw_hooks.training.monitor import SpikeTracker
+from sw_hooks.training.session import MonitorSession
 
 SUPER = "model.layers.1.mlp.down_proj"
 FUSED = "model.layers.1.mlp.experts.down_proj"

@@ -1,6 +1,6 @@
 import pytest
 
-from sw_hooks.analyzer import TransformerAnalyzer
+from sw_hooks.analysis.analyzer import TransformerAnalyzer
 
 
 def test_facade_over_the_functional_api(planted):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from sw_hooks.detect import run_detection
+from sw_hooks.analysis.detect import run_detection
 from sw_hooks.models import load_model, tokenize
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"

@@ -1,14 +1,14 @@
 import pytest
 import torch
 
-from sw_hooks.detect import (
+from sw_hooks.analysis.detect import (
     DetectionOptions,
     detect,
     run_detection,
     spike_candidates,
     spiking_layers,
 )
-from sw_hooks.record import record
+from sw_hooks.core.record import record
 from sw_hooks.testing import ARCHITECTURES, plant_super_weight, tiny_model
 
 

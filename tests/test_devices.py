@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from sw_hooks.devices import execution_device
-from sw_hooks.impact import perplexity_metric
+from sw_hooks.analysis.impact import perplexity_metric
+from sw_hooks.core.devices import execution_device
 from sw_hooks.testing import tiny_model
 
 CPU, META, CUDA0 = torch.device("cpu"), torch.device("meta"), torch.device("cuda", 0)

@@ -4,9 +4,9 @@ import json
 import pytest
 import torch
 
-from sw_hooks.access import WeightElement, oriented_weight
-from sw_hooks.detect import run_detection
-from sw_hooks.export import (
+from sw_hooks.analysis.detect import run_detection
+from sw_hooks.core.access import WeightElement, oriented_weight
+from sw_hooks.export.manifest import (
     FORMAT,
     SCHEMA_VERSION,
     apply_manifest,
@@ -14,7 +14,7 @@ from sw_hooks.export import (
     read_manifest,
     write_manifest,
 )
-from sw_hooks.quantize import QuantConfig, quantize_tensor
+from sw_hooks.quant.quantize import QuantConfig, quantize_tensor
 from sw_hooks.testing import plant_super_weight, planted_llama, tiny_model
 
 CAUSAL = ("model.layers.1.mlp.down_proj", 5, 17)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
-from sw_hooks.hf import SuperWeightCallback, watch
 from sw_hooks.testing import planted_llama
+from sw_hooks.training.hf import SuperWeightCallback, watch
 
 SUPER = ("model.layers.1.mlp.down_proj", 5, 17)
 

@@ -9,15 +9,15 @@ import pytest
 import torch
 from torch import nn
 
-from sw_hooks.guard import WeightGuard, guard
-from sw_hooks.hooks import HookSet
-from sw_hooks.masks import restore_activation
-from sw_hooks.quant_config import QuantConfig
-from sw_hooks.quantize import QuantizedModel, quantize_activations
-from sw_hooks.record import record
-from sw_hooks.results import SuperWeight
+from sw_hooks.analysis.trace import residual_trace
+from sw_hooks.core.hooks import HookSet
+from sw_hooks.core.masks import restore_activation
+from sw_hooks.core.record import record
+from sw_hooks.core.results import SuperWeight
+from sw_hooks.quant.config import QuantConfig
+from sw_hooks.quant.quantize import QuantizedModel, quantize_activations
 from sw_hooks.testing import tiny_model
-from sw_hooks.trace import residual_trace
+from sw_hooks.training.guard import WeightGuard, guard
 
 DOWN = "model.layers.1.mlp.down_proj"
 SUPER = SuperWeight(DOWN, 1, 5, 17, 8.0, output_activation=50.0, token_position=0)

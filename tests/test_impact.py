@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sw_hooks.impact import compare, impact, perplexity, table1, windows
-from sw_hooks.masks import ablate
-from sw_hooks.results import SuperWeight
+from sw_hooks.analysis.impact import compare, impact, perplexity, table1, windows
+from sw_hooks.core.masks import ablate
+from sw_hooks.core.results import SuperWeight
 
 
 def _reference_perplexity(model, ids):

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from sw_hooks.known import check_against_known, known_super_weights
-from sw_hooks.magnitude import find_by_magnitude, largest_weights
-from sw_hooks.results import SuperWeight
+from sw_hooks.analysis.known import check_against_known, known_super_weights
+from sw_hooks.analysis.magnitude import find_by_magnitude, largest_weights
+from sw_hooks.core.results import SuperWeight
 from sw_hooks.testing import tiny_model
 
 
@@ -75,7 +75,7 @@ def test_find_by_magnitude_bad_arguments(kwargs, match):
 
 
 def test_top_magnitudes_equals_a_full_sort_with_exclusions():
-    from sw_hooks.magnitude import top_magnitudes
+    from sw_hooks.analysis.magnitude import top_magnitudes
 
     generator = torch.Generator().manual_seed(3)
     weight = torch.randn(40, 30, generator=generator)

@@ -15,11 +15,11 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader
 
-from sw_hooks.guard import WeightGuard
-from sw_hooks.lightning import SuperWeightAblation, SuperWeightGuard, SuperWeightMonitor
-from sw_hooks.monitor import SpikeTracker, metric_values, qualify, watch
-from sw_hooks.record import record
+from sw_hooks.core.record import record
 from sw_hooks.testing import plant_super_weight, planted_llama, tiny_model
+from sw_hooks.training.guard import WeightGuard
+from sw_hooks.training.lightning import SuperWeightAblation, SuperWeightGuard, SuperWeightMonitor
+from sw_hooks.training.monitor import SpikeTracker, metric_values, qualify, watch
 
 SUPER = ("net.model.layers.1.mlp.down_proj", 5, 17)
 DECOY = ("net.model.layers.3.mlp.down_proj", 9, 33)

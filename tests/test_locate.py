@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from sw_hooks.access import WeightElement, oriented_shape
-from sw_hooks.locate import find_down_projections, is_transposed, layer_index
+from sw_hooks.core.access import WeightElement, oriented_shape
+from sw_hooks.core.locate import find_down_projections, is_transposed, layer_index
 from sw_hooks.testing import ARCHITECTURES, tiny_model
 
 EXPECTED_LEAF = {

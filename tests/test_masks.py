@@ -3,8 +3,8 @@ import itertools
 import pytest
 import torch
 
-from sw_hooks.masks import ablate, preserve, restore_activation, scale
-from sw_hooks.results import SuperWeight
+from sw_hooks.core.masks import ablate, preserve, restore_activation, scale
+from sw_hooks.core.results import SuperWeight
 from sw_hooks.testing import tiny_model
 
 DOWN = "model.layers.0.mlp.down_proj"
@@ -68,7 +68,7 @@ def test_bad_coordinate_touches_nothing():
 def test_interrupt_between_writes_restores_everything(monkeypatch):
     model = tiny_model("llama", num_layers=1)
     before = _weight(model).clone()
-    from sw_hooks import access
+    from sw_hooks.core import access
 
     calls = {"n": 0}
     real_write = access.WeightElement.write

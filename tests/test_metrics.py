@@ -7,14 +7,14 @@ from dataclasses import astuple
 import pytest
 import torch
 
-from sw_hooks.metrics import ChannelMax, keep_largest, maxima_to_where, merge_where
-from sw_hooks.record import (
+from sw_hooks.core.record import (
     ChannelMaxima,
     ChannelStats,
     channel_maxima,
     merge_channel_maxima,
     record,
 )
+from sw_hooks.training.metrics import ChannelMax, keep_largest, maxima_to_where, merge_where
 
 
 def test_matches_recorder_over_several_updates(planted) -> None:

@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from sw_hooks import moe
-from sw_hooks.access import WeightElement
-from sw_hooks.locate import find_down_projections
-from sw_hooks.masks import ablate, preserve, restore_activation, scale
-from sw_hooks.moe import (
+from sw_hooks.core import moe
+from sw_hooks.core.access import WeightElement
+from sw_hooks.core.locate import find_down_projections
+from sw_hooks.core.masks import ablate, preserve, restore_activation, scale
+from sw_hooks.core.moe import (
     ExpertRecorder,
     detect_expert_weights,
     detect_super_experts,
@@ -24,7 +24,7 @@ from sw_hooks.moe import (
     super_expert_candidates,
     super_expert_mask,
 )
-from sw_hooks.results import SuperWeight
+from sw_hooks.core.results import SuperWeight
 from sw_hooks.testing import MOE_ARCHITECTURES, planted_moe, tiny_moe_model, to_expert_list
 
 SUPER_WEIGHT = ("model.layers.1.mlp.experts.down_proj", 3, 5, 17)
@@ -208,7 +208,7 @@ def test_dense_locator_warns_about_skipped_experts():
     model = AutoModelForCausalLM.from_config(config)
     with pytest.warns(UserWarning, match=r"skipping the experts of model\.layers\.1\.mlp\.experts"):
         assert list(find_down_projections(model)) == ["model.layers.0.mlp.down_proj"]
-    with pytest.raises(ValueError, match="use sw_hooks.moe"):
+    with pytest.raises(ValueError, match="use sw_hooks.core.moe"):
         find_down_projections(tiny_moe_model("olmoe", num_layers=1))
 
 
@@ -242,7 +242,7 @@ def test_super_expert_mask_is_the_published_criterion():
 
 
 def test_expert_weights_round_trip_json(tmp_path):
-    from sw_hooks.results import load_super_weights, save_super_weights
+    from sw_hooks.core.results import load_super_weights, save_super_weights
 
     weight = SuperWeight(SUPER_WEIGHT[0], 1, 5, 17, 8.0, expert=3)
     save_super_weights([weight], tmp_path / "w.json")
@@ -254,7 +254,7 @@ def test_expert_weights_round_trip_json(tmp_path):
 
 @pytest.mark.parametrize("mode", ["restore", "freeze"])
 def test_guard_holds_a_fused_expert_weight_through_adamw(mode):
-    from sw_hooks.guard import WeightGuard
+    from sw_hooks.training.guard import WeightGuard
 
     planted = planted_moe("mixtral")
     model = planted.model
@@ -276,7 +276,7 @@ def test_guard_holds_a_fused_expert_weight_through_adamw(mode):
 
 
 def test_quantize_refuses_expert_holdout_clearly():
-    from sw_hooks.quantize import QuantConfig, quantize_model
+    from sw_hooks.quant.quantize import QuantConfig, quantize_model
 
     planted = planted_moe("mixtral")
     weight = next(p for p in planted.planted if getattr(p, "expert", None) is not None)
@@ -289,7 +289,7 @@ def test_quantize_refuses_expert_holdout_clearly():
 
 
 def test_monitor_refuses_expert_weights_clearly():
-    from sw_hooks.monitor import SpikeTracker
+    from sw_hooks.training.monitor import SpikeTracker
 
     with pytest.raises(ValueError, match="inside an expert"):
         SpikeTracker([("model.layers.1.mlp.experts.down_proj", 3, 5, 17)])

@@ -24,10 +24,10 @@ from torch.utils.data import DataLoader
 from torch.utils.hooks import RemovableHandle
 from transformers import Trainer, TrainingArguments
 
-from sw_hooks.hf import SuperWeightCallback
-from sw_hooks.lightning import SuperWeightMonitor
-from sw_hooks.monitor import watch
 from sw_hooks.testing import planted_llama
+from sw_hooks.training.hf import SuperWeightCallback
+from sw_hooks.training.lightning import SuperWeightMonitor
+from sw_hooks.training.monitor import watch
 
 OVERFLOW_CHANNEL = 3
 SUPER = ("model.layers.1.mlp.down_proj", 5, 17)

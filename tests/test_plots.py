@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from sw_hooks import plots
-from sw_hooks.detect import run_detection
-from sw_hooks.impact import perplexity, table1
-from sw_hooks.quantize import QuantConfig, holdout_sweep
-from sw_hooks.record import record
-from sw_hooks.results import DetectionResult
+from sw_hooks.analysis.detect import run_detection
+from sw_hooks.analysis.impact import perplexity, table1
+from sw_hooks.analysis.trace import layer_peaks, super_activation_trace, weight_patch
+from sw_hooks.core.record import record
+from sw_hooks.core.results import DetectionResult
+from sw_hooks.outputs import plots
+from sw_hooks.quant.quantize import QuantConfig, holdout_sweep
 from sw_hooks.testing import PlantedModel, planted_llama
-from sw_hooks.trace import layer_peaks, super_activation_trace, weight_patch
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LAYER, ROW, COL = 1, 5, 17
@@ -201,12 +201,12 @@ def imported_modules(path: Path, top_level_only: bool) -> set[str]:
 
 
 def test_matplotlib_is_imported_lazily_and_the_core_never_imports_plots() -> None:
-    package = Path(plots.__file__).parent
-    for outside in ("plots.py", "report.py", "cli/report.py", "trace.py"):
+    package = Path(plots.__file__).parent.parent
+    for outside in ("outputs/plots.py", "outputs/report.py", "cli/report.py", "analysis/trace.py"):
         top = imported_modules(package / outside, top_level_only=True)
         assert not any(name.startswith("matplotlib") for name in top), outside
-    for core in package.glob("*.py"):
-        if core.name in ("plots.py", "report.py"):
+    for core in package.rglob("*.py"):
+        if core.parent.name in ("outputs", "cli"):
             continue
         used = imported_modules(core, top_level_only=False)
-        assert not used & {"sw_hooks.plots", "sw_hooks.report"}, core.name
+        assert not used & {"sw_hooks.outputs.plots", "sw_hooks.outputs.report"}, core.name

@@ -9,9 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sw_hooks import quantize as q
-from sw_hooks.access import oriented_weight
-from sw_hooks.quantize import (
+from sw_hooks.core.access import oriented_weight
+from sw_hooks.quant import quantize as q
+from sw_hooks.quant.quantize import (
     IQRClip,
     QuantConfig,
     QuantizedModel,

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from sw_hooks.record import (
+from sw_hooks.core.record import (
     ChannelStats,
     channel_maxima,
     merge_channel_maxima,

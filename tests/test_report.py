@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from sw_hooks.cli import main
-from sw_hooks.quant_config import QuantConfig, quant_grid
-from sw_hooks.report import ReportData, ReportOptions, collect_report, write_report
+from sw_hooks.outputs.report import ReportData, ReportOptions, collect_report, write_report
+from sw_hooks.quant.config import QuantConfig, quant_grid
 from sw_hooks.testing import planted_llama
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -121,7 +121,7 @@ def test_cli_report_bad_input_exits_2(tmp_path, capsys) -> None:
 
 
 def test_holdout_sweep_keeps_held_weights_exact_and_restores_the_model() -> None:
-    from sw_hooks.quantize import holdout_sweep
+    from sw_hooks.quant.quantize import holdout_sweep
 
     planted = planted_llama()
     weight = planted.model.model.layers[1].mlp.down_proj.weight
@@ -141,9 +141,9 @@ def test_holdout_sweep_keeps_held_weights_exact_and_restores_the_model() -> None
 
 def test_report_reuses_detections_peaks_and_runs_no_extra_forward() -> None:
     """The spikes figure's peaks come from detection's first pass, not a second recording."""
-    from sw_hooks.detect import run_detection
-    from sw_hooks.record import record
-    from sw_hooks.trace import layer_peaks
+    from sw_hooks.analysis.detect import run_detection
+    from sw_hooks.analysis.trace import layer_peaks
+    from sw_hooks.core.record import record
 
     planted = planted_llama()
     ids = planted.calibration_ids(64)

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from sw_hooks.results import (
+from sw_hooks.core.results import (
     DetectionResult,
     LayerPeak,
     SuperWeight,

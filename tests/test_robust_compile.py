@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from sw_hooks.record import record
+from sw_hooks.core.record import record
 
 
 class _MLP(nn.Module):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sw_hooks.masks import ablate, scale
-from sw_hooks.record import channel_maxima, record
+from sw_hooks.core.masks import ablate, scale
+from sw_hooks.core.record import channel_maxima, record
 from sw_hooks.testing import planted_llama
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -72,7 +72,7 @@ def test_fp16_maxima_do_not_overflow():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_half_precision_finds_the_planted_super_weight(dtype):
-    from sw_hooks.detect import spike_candidates
+    from sw_hooks.analysis.detect import spike_candidates
 
     planted = planted_llama(dtype=dtype)
     with record(planted.model) as rec, torch.no_grad():

@@ -7,9 +7,9 @@ import threading
 import pytest
 import torch
 
-from sw_hooks.access import WeightElement
-from sw_hooks.masks import ablate, scale
-from sw_hooks.record import record
+from sw_hooks.core.access import WeightElement
+from sw_hooks.core.masks import ablate, scale
+from sw_hooks.core.record import record
 from sw_hooks.testing import planted_llama
 
 WEIGHTS = [

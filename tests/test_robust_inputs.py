@@ -11,12 +11,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sw_hooks.analysis.detect import DetectionOptions, detect, spike_candidates
 from sw_hooks.cli import main
-from sw_hooks.detect import DetectionOptions, detect, spike_candidates
-from sw_hooks.masks import ablate, scale
+from sw_hooks.core.masks import ablate, scale
+from sw_hooks.core.record import record
+from sw_hooks.core.results import DetectionResult, SuperWeight, load_super_weights
 from sw_hooks.models import ModelNotFoundError, check_gguf, load_model, tokenize
-from sw_hooks.record import record
-from sw_hooks.results import DetectionResult, SuperWeight, load_super_weights
 from sw_hooks.testing import planted_llama, tiny_model
 
 FAST = settings(

@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from sw_hooks.access import WeightElement
-from sw_hooks.detect import run_detection, spike_candidates
-from sw_hooks.impact import ImpactRow, perplexity, table1
-from sw_hooks.masks import ablate, scale
-from sw_hooks.record import record
-from sw_hooks.results import DetectionResult, SuperWeight
+from sw_hooks.analysis.detect import run_detection, spike_candidates
+from sw_hooks.analysis.impact import ImpactRow, perplexity, table1
+from sw_hooks.analysis.trace import ResidualTrace, super_activation_trace
+from sw_hooks.core.access import WeightElement
+from sw_hooks.core.masks import ablate, scale
+from sw_hooks.core.record import record
+from sw_hooks.core.results import DetectionResult, SuperWeight
 from sw_hooks.testing import PlantedModel, planted_llama
-from sw_hooks.trace import ResidualTrace, super_activation_trace
 
 pytest.importorskip("accelerate")
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from sw_hooks.monitor import NonFiniteActivationError, NonFiniteWarning, SpikeTracker
-from sw_hooks.session import MonitorSession
 from sw_hooks.testing import PlantedModel, plant_super_weight, planted_llama
+from sw_hooks.training.monitor import NonFiniteActivationError, NonFiniteWarning, SpikeTracker
+from sw_hooks.training.session import MonitorSession
 
 SUPER = ("model.layers.1.mlp.down_proj", 5, 17)
 DECOY = ("model.layers.3.mlp.down_proj", 9, 33)
@@ -66,7 +66,7 @@ def events(session: MonitorSession) -> list[tuple[str, int, str, int, int]]:
 
 def test_session_imports_no_training_framework() -> None:
     code = (
-        "import sys, sw_hooks.session; "
+        "import sys, sw_hooks.training.session; "
         "loaded = [m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning') "
         "or m.startswith('transformers.trainer')]; "
         "assert not loaded, loaded"

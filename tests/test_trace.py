@@ -5,10 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sw_hooks.record import record
-from sw_hooks.results import SuperWeight
-from sw_hooks.testing import plant_super_weight, tiny_model
-from sw_hooks.trace import (
+from sw_hooks.analysis.trace import (
     ResidualTrace,
     WeightPatch,
     decoder_layers,
@@ -17,6 +14,9 @@ from sw_hooks.trace import (
     super_activation_trace,
     weight_patch,
 )
+from sw_hooks.core.record import record
+from sw_hooks.core.results import SuperWeight
+from sw_hooks.testing import plant_super_weight, tiny_model
 
 SUPER = SuperWeight("model.layers.1.mlp.down_proj", 1, 5, 17, 8.0, token_position=0)
 

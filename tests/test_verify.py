@@ -8,18 +8,18 @@ import pytest
 import torch
 from torch import nn
 
-from sw_hooks.impact import perplexity
-from sw_hooks.locate import find_down_projections
-from sw_hooks.masks import ablate
-from sw_hooks.results import SuperWeight
-from sw_hooks.testing import ARCHITECTURES, plant_super_weight, planted_llama, tiny_model
-from sw_hooks.verify import (
+from sw_hooks.analysis.impact import perplexity
+from sw_hooks.analysis.verify import (
     VerifySettings,
     find_blocks,
     kept_outputs,
     measure_impacts,
     replayed_prefix,
 )
+from sw_hooks.core.locate import find_down_projections
+from sw_hooks.core.masks import ablate
+from sw_hooks.core.results import SuperWeight
+from sw_hooks.testing import ARCHITECTURES, plant_super_weight, planted_llama, tiny_model
 
 SUPER = SuperWeight("model.layers.1.mlp.down_proj", 1, 5, 17, 8.0)
 DECOY = SuperWeight("model.layers.3.mlp.down_proj", 3, 9, 33, 8.0)

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from sw_hooks.analysis.detect import DetectionOptions, run_detection
 from sw_hooks.cli._common import (
     CliError,
     add_model_arguments,
@@ -17,8 +18,7 @@ from sw_hooks.cli._common import (
     token_ids,
 )
 from sw_hooks.cli._paths import check_output_file, write_output
-from sw_hooks.detect import DetectionOptions, run_detection
-from sw_hooks.results import DetectionResult
+from sw_hooks.core.results import DetectionResult
 
 PROMPT_TOKENS = 128
 

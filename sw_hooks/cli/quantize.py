@@ -20,7 +20,7 @@ from sw_hooks.cli._common import (
     token_ids,
 )
 from sw_hooks.cli._paths import check_output_file, write_output
-from sw_hooks.quant_config import QuantConfig, quant_grid
+from sw_hooks.quant.config import QuantConfig, quant_grid
 
 DEFAULTS = QuantConfig()
 
@@ -105,7 +105,7 @@ def _parse_holdout(specs: list[str]) -> list[tuple[str, int, int]]:
 
 
 def _read_super_weights(path: Path) -> list[Any]:
-    from sw_hooks.results import load_super_weights
+    from sw_hooks.core.results import load_super_weights
 
     try:
         return load_super_weights(path)
@@ -123,7 +123,7 @@ def _given_super_weights(args: argparse.Namespace) -> list[Any] | None:
 
 
 def _detected_super_weights(args: argparse.Namespace, model: nn.Module, ids: Any) -> list[Any]:
-    from sw_hooks.detect import run_detection
+    from sw_hooks.analysis.detect import run_detection
 
     with step("detecting super weights", quiet=args.quiet):
         result = run_detection(model, ids, verify_impact=False)
@@ -131,7 +131,7 @@ def _detected_super_weights(args: argparse.Namespace, model: nn.Module, ids: Any
 
 
 def _describe(weights: list[Any], shown: int = 4) -> str:
-    from sw_hooks.access import as_triple
+    from sw_hooks.core.access import as_triple
 
     names = [f"{m}[{r}, {c}]" for m, r, c in map(as_triple, weights)]
     more = f" and {len(names) - shown} more" if len(names) > shown else ""
@@ -156,8 +156,8 @@ def _table(baseline: float, runs: list[dict[str, Any]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sw_hooks.impact import perplexity
-    from sw_hooks.quantize import holdout_sweep, resolve_holdout
+    from sw_hooks.analysis.impact import perplexity
+    from sw_hooks.quant.quantize import holdout_sweep, resolve_holdout
 
     configs = _configs(args)
     check_model_arguments(args)
@@ -195,6 +195,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _as_triple(weight: Any) -> tuple[str, int, int]:
-    from sw_hooks.access import as_triple
+    from sw_hooks.core.access import as_triple
 
     return as_triple(weight)

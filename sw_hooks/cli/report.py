@@ -16,8 +16,8 @@ from sw_hooks.cli._common import (
     token_ids,
 )
 from sw_hooks.cli._paths import check_output_folder
-from sw_hooks.quant_config import QuantConfig, quant_grid
-from sw_hooks.report import REPORT_BLOCK_SIZES, REPORT_CLIP
+from sw_hooks.outputs.report import REPORT_BLOCK_SIZES, REPORT_CLIP
+from sw_hooks.quant.config import QuantConfig, quant_grid
 
 DEFAULTS = QuantConfig()
 
@@ -72,7 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _options(args: argparse.Namespace):  # -> ReportOptions (imported lazily)
     """The report's options from the flags: one config per block size, checked now."""
-    from sw_hooks.report import ReportOptions
+    from sw_hooks.outputs.report import ReportOptions
 
     sizes = tuple(args.block_size or REPORT_BLOCK_SIZES)
     if any(size <= 0 for size in sizes):
@@ -86,7 +86,7 @@ def _options(args: argparse.Namespace):  # -> ReportOptions (imported lazily)
 def _history(path: Path | None) -> list[dict[str, float]]:
     if path is None:
         return []
-    from sw_hooks.plots import read_history
+    from sw_hooks.outputs.plots import read_history
 
     try:
         return read_history(path)
@@ -105,13 +105,13 @@ def _check_plots_installed() -> None:
 
 
 def _report_files() -> tuple[str, ...]:
-    from sw_hooks.report import FIGURES
+    from sw_hooks.outputs.report import FIGURES
 
     return ("report.md", "report.json", *FIGURES)
 
 
 def run(args: argparse.Namespace) -> int:
-    from sw_hooks.report import collect_report, write_report
+    from sw_hooks.outputs.report import collect_report, write_report
 
     options = _options(args)
     check_model_arguments(args)

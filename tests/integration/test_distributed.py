@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sw_hooks.record import record, stats_from_state_dict, stats_to_state_dict
+from sw_hooks.core.record import record, stats_from_state_dict, stats_to_state_dict
 from sw_hooks.testing import planted_llama
 
 SUPER = ("model.layers.1.mlp.down_proj", 5, 17)
@@ -73,7 +73,7 @@ def ddp_main(out: Path) -> None:
     from lightning.pytorch.loggers import CSVLogger
     from torch.utils.data import DataLoader
 
-    from sw_hooks.lightning import SuperWeightMonitor
+    from sw_hooks.training.lightning import SuperWeightMonitor
 
     class CausalLM(pl.LightningModule):
         def __init__(self) -> None:
@@ -154,10 +154,10 @@ def full_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def fsdp_worker(rank: int, out: str) -> None:
     import torch.distributed as dist
 
-    from sw_hooks.access import WeightElement
-    from sw_hooks.masks import ablate, preserve
-    from sw_hooks.metrics import ChannelMax
-    from sw_hooks.monitor import SpikeTracker
+    from sw_hooks.core.access import WeightElement
+    from sw_hooks.core.masks import ablate, preserve
+    from sw_hooks.training.metrics import ChannelMax
+    from sw_hooks.training.monitor import SpikeTracker
 
     torch.manual_seed(0)
     dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=2)
@@ -211,7 +211,7 @@ def fsdp_worker(rank: int, out: str) -> None:
 
 
 def guarded_training(planted, weights, mode: str, weight_decay: float) -> dict[str, bool]:
-    from sw_hooks.guard import WeightGuard
+    from sw_hooks.training.guard import WeightGuard
 
     model = planted.model
     before = full_parameters(model)

@@ -7,8 +7,8 @@ within each call would write the super activation into every generated token.
 import pytest
 import torch
 
-from sw_hooks.masks import ablate, restore_activation
-from sw_hooks.results import SuperWeight
+from sw_hooks.core.masks import ablate, restore_activation
+from sw_hooks.core.results import SuperWeight
 from sw_hooks.testing import PlantedModel
 
 NEW_TOKENS = 6

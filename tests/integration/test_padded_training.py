@@ -20,12 +20,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from transformers import Trainer, TrainingArguments
 
-from sw_hooks.detect import spike_candidates
-from sw_hooks.hf import SuperWeightCallback
-from sw_hooks.lightning import SuperWeightMonitor
-from sw_hooks.monitor import watch
-from sw_hooks.record import ChannelMaxima, ChannelStats, channel_maxima, record
+from sw_hooks.analysis.detect import spike_candidates
+from sw_hooks.core.record import ChannelMaxima, ChannelStats, channel_maxima, record
 from sw_hooks.testing import plant_super_weight, planted_llama
+from sw_hooks.training.hf import SuperWeightCallback
+from sw_hooks.training.lightning import SuperWeightMonitor
+from sw_hooks.training.monitor import watch
 
 PAD = 0
 SUPER = ("model.layers.1.mlp.down_proj", 5, 17)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sw_hooks.impact import perplexity
+from sw_hooks.analysis.impact import perplexity
 from sw_hooks.models import calibration_text, tokenize
-from sw_hooks.quantize import QuantConfig, quantize_model
+from sw_hooks.quant.quantize import QuantConfig, quantize_model
 
 SUPER_WEIGHT = ("model.layers.11.mlp.down_proj", 507, 1229)
 

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from sw_hooks import calibration_text, plots, tokenize
-from sw_hooks.report import ReportOptions, collect_report, write_report
+from sw_hooks import calibration_text, tokenize
+from sw_hooks.outputs import plots
+from sw_hooks.outputs.report import ReportOptions, collect_report, write_report
 
 pytestmark = pytest.mark.slow
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from sw_hooks import calibration_text, record, tokenize
+from sw_hooks.analysis.detect import run_detection
 from sw_hooks.cli import main
-from sw_hooks.detect import run_detection
 
 pytestmark = pytest.mark.slow
 

@@ -1,6 +1,6 @@
 """``ChannelMax``: per-channel max ``|activation|`` per module as a torchmetrics ``Metric``.
 
-The recorder (:mod:`sw_hooks.record`) folds activations into running maxima inside one
+The recorder (:mod:`sw_hooks.core.record`) folds activations into running maxima inside one
 process. ``ChannelMax`` holds the same maxima as metric states so that torchmetrics can
 reduce them across processes: with ``dist_reduce_fx="max"`` every rank ends up with the
 maxima of all the data, never a mean of per-rank maxima (a mean would shrink a spike seen
@@ -9,7 +9,7 @@ by one rank only).
 Where a maximum happened (signed value, token position, batch index) rides along in a
 second state per side, ``[4, C]`` float64 rows ``(abs_max, value, token, batch)``, reduced
 by :func:`keep_largest`: each channel keeps the row of the rank holding its largest value
-(the lowest rank on ties, as :func:`~sw_hooks.record.merge_channel_maxima` does), so every
+(the lowest rank on ties, as :func:`~sw_hooks.core.record.merge_channel_maxima` does), so every
 rank computes the same locations.
 """
 
@@ -22,9 +22,9 @@ import torch
 from torch import nn
 from torchmetrics import Metric
 
-from sw_hooks.access import oriented_shape
-from sw_hooks.locate import find_down_projections
-from sw_hooks.record import (
+from sw_hooks.core.access import oriented_shape
+from sw_hooks.core.locate import find_down_projections
+from sw_hooks.core.record import (
     ChannelMaxima,
     ChannelStats,
     Recorder,
@@ -59,7 +59,7 @@ def where_to_maxima(where: torch.Tensor) -> ChannelMaxima:
 def merge_where(current: torch.Tensor, incoming: torch.Tensor) -> torch.Tensor:
     """Per channel, keep the column whose ``abs_max`` is larger (``current`` on ties).
 
-    A NaN wins, as in :func:`~sw_hooks.record.merge_channel_maxima` and ``argmax`` in
+    A NaN wins, as in :func:`~sw_hooks.core.record.merge_channel_maxima` and ``argmax`` in
     :func:`keep_largest`: a non-finite activation must not vanish from the record.
 
     Example:
@@ -103,7 +103,7 @@ def module_channels(model: nn.Module, modules: Mapping[str, nn.Module] | None = 
 class ChannelMax(Metric):
     """Per-channel max ``|input|`` and ``|output|`` per module, reduced by max across ranks.
 
-    Feed it recorder stats (``{module: ChannelStats}``) or a :class:`~sw_hooks.record.Recorder`;
+    Feed it recorder stats (``{module: ChannelStats}``) or a :class:`~sw_hooks.core.record.Recorder`;
     :meth:`compute_stats` gives ``{module: ChannelStats}`` over everything seen by every rank.
     The states move to the device of the first update's stats (where the activations were
     recorded), so a cross-rank reduction runs on the data's device (CUDA tensors for NCCL)
@@ -114,7 +114,7 @@ class ChannelMax(Metric):
         kwargs: passed to :class:`torchmetrics.Metric` (``process_group``, ``sync_on_compute``...).
 
     Example:
-        >>> from sw_hooks.record import record
+        >>> from sw_hooks.core.record import record
         >>> from sw_hooks.testing import planted_llama
         >>> planted = planted_llama()
         >>> metric = ChannelMax.for_model(planted.model)

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from sw_hooks.access import Coordinate
+from sw_hooks.core.access import Coordinate
 
 SCHEMA_VERSION = 1
 
@@ -174,7 +174,7 @@ def _is_count(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class DetectionResult:
-    """What :func:`sw_hooks.detect` found, with the numbers that back it.
+    """What :func:`sw_hooks.analysis.detect` found, with the numbers that back it.
 
     Attributes:
         model: a name for the model (id, path or class name).
@@ -183,7 +183,7 @@ class DetectionResult:
         joint_ablation_ratio: perplexity with every candidate zeroed over the baseline.
         prepend_bos: whether a BOS token was put before the prompt.
         passes: how many record-and-ablate passes detection ran.
-        options: the :class:`~sw_hooks.detect.DetectionOptions` used, as a dict.
+        options: the :class:`~sw_hooks.analysis.detect.DetectionOptions` used, as a dict.
         layer_peaks: per recorded down-projection, its peaks in the first (unablated)
             pass; empty for expert detection and for files written before it was kept.
     """

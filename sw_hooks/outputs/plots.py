@@ -8,7 +8,7 @@ highlighted as :class:`Mark` objects that :func:`marks` reads back, so a test ca
 matplotlib is imported only when a figure is made: ``pip install "sw_hooks[plots]"``.
 
 Example:
-    >>> from sw_hooks.plots import impact_bars, save_figure  # doctest: +SKIP
+    >>> from sw_hooks.outputs.plots import impact_bars, save_figure  # doctest: +SKIP
     >>> save_figure(impact_bars(rows), "impact.png")  # doctest: +SKIP
 """
 
@@ -22,17 +22,17 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sw_hooks.impact import ImpactRow
-from sw_hooks.quant_config import QuantConfig
-from sw_hooks.quantize import SweepRun
-from sw_hooks.results import DetectionResult, LayerPeak, SuperWeight
-from sw_hooks.trace import ResidualTrace, WeightPatch
+from sw_hooks.analysis.impact import ImpactRow
+from sw_hooks.analysis.trace import ResidualTrace, WeightPatch
+from sw_hooks.core.results import DetectionResult, LayerPeak, SuperWeight
+from sw_hooks.quant.config import QuantConfig
+from sw_hooks.quant.quantize import SweepRun
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from sw_hooks.record import ChannelStats
+    from sw_hooks.core.record import ChannelStats
 
 _Result = TypeVar("_Result")
 
@@ -194,7 +194,7 @@ def activation_spikes(
     """
     weights = _as_super_weights(super_weights)
     if isinstance(peaks, Mapping):
-        from sw_hooks.detect import layer_peaks_of
+        from sw_hooks.analysis.detect import layer_peaks_of
 
         peaks = layer_peaks_of(peaks)
     rows = _loaded_all(peaks, LayerPeak, "layer peaks")
@@ -243,7 +243,7 @@ def residual_stream(
     """The super activation's channel after every layer, with and without the super weight.
 
     Args:
-        original: :func:`sw_hooks.trace.super_activation_trace`'s first trace (or JSON).
+        original: :func:`sw_hooks.analysis.trace.super_activation_trace`'s first trace (or JSON).
         ablated: its second trace, drawn dashed; ``None`` to draw one line.
         super_weight: marks the layer that writes the super activation.
 
@@ -298,7 +298,7 @@ def weight_heatmaps(patches: Iterable[WeightPatch | Mapping[str, Any]]) -> Figur
     """``|w|`` around each super weight on a log colour scale, the super weight boxed.
 
     Args:
-        patches: :func:`sw_hooks.trace.weight_patch` windows (or their JSON), one panel each.
+        patches: :func:`sw_hooks.analysis.trace.weight_patch` windows (or their JSON), one panel each.
 
     Example:
         >>> fig = weight_heatmaps([weight_patch(model, sw) for sw in result.verified])  # doctest: +SKIP
@@ -359,7 +359,7 @@ def weight_heatmaps(patches: Iterable[WeightPatch | Mapping[str, Any]]) -> Figur
 
 
 def _layer_of(module: str) -> int | None:
-    from sw_hooks.locate import layer_index
+    from sw_hooks.core.locate import layer_index
 
     return layer_index(module)
 
@@ -379,7 +379,7 @@ def impact_bars(rows: Iterable[ImpactRow | Mapping[str, Any]]) -> Figure:
     """Perplexity and next-token stopword probability for each of Table 1's conditions.
 
     Args:
-        rows: :func:`sw_hooks.impact.table1` rows (or their JSON).
+        rows: :func:`sw_hooks.analysis.impact.table1` rows (or their JSON).
 
     Example:
         >>> fig = impact_bars(table1(model, ids, result.verified))  # doctest: +SKIP
@@ -420,7 +420,7 @@ def quantization_sweep(
     """Perplexity against block size, with and without the super weights held out.
 
     Args:
-        runs: :func:`sw_hooks.quantize.holdout_sweep` runs, or a JSON object with ``runs``
+        runs: :func:`sw_hooks.quant.quantize.holdout_sweep` runs, or a JSON object with ``runs``
             and ``baseline_perplexity`` (what ``sw-hooks quantize --json`` writes).
         baseline: the unquantized perplexity, drawn as a dotted line.
 
@@ -492,9 +492,9 @@ def monitoring_history(history: str | Path | Iterable[Mapping[str, float]]) -> F
     """Super activation and super-weight value over training steps, one line per weight.
 
     Args:
-        history: the logged rows of :class:`sw_hooks.lightning.SuperWeightMonitor` (each a
+        history: the logged rows of :class:`sw_hooks.training.lightning.SuperWeightMonitor` (each a
             ``{name: value}`` dict with a ``step``), or the path of a ``CSVLogger``'s
-            ``metrics.csv``. Names follow :func:`sw_hooks.monitor.metric_values`:
+            ``metrics.csv``. Names follow :func:`sw_hooks.training.monitor.metric_values`:
             ``sw/train/layer_1.row_5.col_17/activation`` and ``.../value``.
 
     Example:

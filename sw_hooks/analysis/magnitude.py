@@ -10,8 +10,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from sw_hooks.access import Coordinate, as_triple, oriented_weight
-from sw_hooks.locate import is_linear_like, layer_index
+from sw_hooks.core.access import Coordinate, as_triple, oriented_weight
+from sw_hooks.core.locate import is_linear_like, layer_index
 
 # Module-name endings of each weight type, across the architectures the locator knows.
 WEIGHT_TYPES: dict[str, tuple[str, ...]] = {
@@ -126,7 +126,7 @@ def find_by_magnitude(
         weight_type: ``"down_proj"`` (default), another type of :data:`WEIGHT_TYPES`, or ``"all"``.
         layers: restrict to these layer indices.
 
-    A large weight is not necessarily a super weight: verify with :func:`sw_hooks.detect.verify`.
+    A large weight is not necessarily a super weight: verify with :func:`sw_hooks.analysis.detect.verify`.
     """
     if criterion not in ("percentage", "absolute"):
         raise ValueError(f"criterion must be 'percentage' or 'absolute', got {criterion!r}")

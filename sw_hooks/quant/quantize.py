@@ -11,7 +11,7 @@ own dtype and shape, so the model runs as usual and only the rounding error is s
 All block work is vectorized: a tensor is reshaped to ``[blocks, block elements]`` and
 every statistic is one reduction along the last axis.
 
-In torchao's shape: one frozen :class:`~sw_hooks.quant_config.QuantConfig` says how to
+In torchao's shape: one frozen :class:`~sw_hooks.quant.config.QuantConfig` says how to
 quantize, and every entry point takes it: ``quantize_tensor(tensor, config, holdout=...)``,
 ``quantize_model(model, config, holdout=..., modules=...)`` and
 ``holdout_sweep(model, configs, super_weights, measure)``. ``holdout`` is the elements of
@@ -29,16 +29,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sw_hooks.access import (
+from sw_hooks.core.access import (
     Coordinate,
     CoordinateLike,
     WeightElement,
     oriented_shape,
     oriented_weight,
 )
-from sw_hooks.hooks import HookSet
-from sw_hooks.locate import is_linear_like, layer_index
-from sw_hooks.quant_config import (
+from sw_hooks.core.hooks import HookSet
+from sw_hooks.core.locate import is_linear_like, layer_index
+from sw_hooks.quant.config import (
     MAX_BITS,
     MIN_BITS,
     BlockShape,

@@ -26,13 +26,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from sw_hooks.access import WeightElement
-from sw_hooks.devices import execution_device
-from sw_hooks.locate import find_down_projections, layer_index
-from sw_hooks.masks import ablate
-from sw_hooks.record import ChannelMaxima, ChannelStats, record
-from sw_hooks.results import DetectionResult, LayerPeak, SuperWeight
-from sw_hooks.verify import VerifySettings, measure_impacts
+from sw_hooks.analysis.verify import VerifySettings, measure_impacts
+from sw_hooks.core.access import WeightElement
+from sw_hooks.core.devices import execution_device
+from sw_hooks.core.locate import find_down_projections, layer_index
+from sw_hooks.core.masks import ablate
+from sw_hooks.core.record import ChannelMaxima, ChannelStats, record
+from sw_hooks.core.results import DetectionResult, LayerPeak, SuperWeight
 
 Progress = Callable[[str], None]
 
@@ -57,7 +57,7 @@ class DetectionOptions:
             reusing the baseline's output of the blocks before it (exact; checked).
         screen_exponent: after the first window, stop measuring a candidate whose ratio
             there is below ``min_impact ** screen_exponent``; ``None`` measures every
-            candidate on every window. The rule and its error: :mod:`sw_hooks.verify`.
+            candidate on every window. The rule and its error: :mod:`sw_hooks.analysis.verify`.
     """
 
     spike_factor: float = 8.0
@@ -313,7 +313,7 @@ def verify(
 ) -> tuple[list[SuperWeight], float, float | None]:
     """Measure each candidate: perplexity with it zeroed over the baseline.
 
-    The measurement (prefix reuse, screening) is :func:`sw_hooks.verify.measure_impacts`.
+    The measurement (prefix reuse, screening) is :func:`sw_hooks.analysis.verify.measure_impacts`.
 
     Returns ``(candidates with impact and verdict, baseline perplexity, joint ablation ratio)``.
     """

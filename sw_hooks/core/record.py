@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from sw_hooks.hooks import HookSet
-from sw_hooks.locate import find_down_projections
+from sw_hooks.core.hooks import HookSet
+from sw_hooks.core.locate import find_down_projections
 
 
 @dataclass(frozen=True)
@@ -394,7 +394,7 @@ def record(
     Args:
         model: any ``nn.Module``.
         modules: which modules to hook: ``None`` for the down-projections
-            (:func:`~sw_hooks.locate.find_down_projections`), a glob or compiled regex,
+            (:func:`~sw_hooks.core.locate.find_down_projections`), a glob or compiled regex,
             a list of module names, or a ``{name: module}`` mapping.
         inputs, outputs: which side(s) to record.
         use_attention_mask: ignore padded tokens, taking the 2-D ``attention_mask=``

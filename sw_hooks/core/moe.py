@@ -18,7 +18,7 @@ hook, and transformers picks the experts' kernel at run time (``grouped_mm`` by 
 ``batched_mm``, a per-expert ``eager`` loop, hub kernels). While recording, the experts
 module's ``forward`` is replaced, on that instance only, by one that runs the same kernel:
 for transformers' ``grouped_mm`` and ``batched_mm`` an observed twin
-(:mod:`sw_hooks.moe_record`) that calls the same grouped and batched linear helpers in the
+(:mod:`sw_hooks.core.expert_kernels`) that calls the same grouped and batched linear helpers in the
 same order, so the model's output is bit for bit unchanged, and hands the recorder the
 down-projection's input and output with each row's expert and token. Nothing is computed
 twice. The routing counts are the router's own choices and every routed token is covered.
@@ -44,8 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sw_hooks.access import WeightElement
-from sw_hooks.detect import (
+from sw_hooks.analysis.detect import (
     DetectionOptions,
     _ids_of,
     _options,
@@ -54,19 +53,20 @@ from sw_hooks.detect import (
     forward_on_device,
     spiking_layers,
 )
-from sw_hooks.hooks import HookSet
-from sw_hooks.impact import perplexity
-from sw_hooks.locate import layer_index
-from sw_hooks.masks import ablate
-from sw_hooks.moe_record import DownProjectionObserver, observed_kernel
-from sw_hooks.record import (
+from sw_hooks.analysis.impact import perplexity
+from sw_hooks.core.access import WeightElement
+from sw_hooks.core.expert_kernels import DownProjectionObserver, observed_kernel
+from sw_hooks.core.hooks import HookSet
+from sw_hooks.core.locate import layer_index
+from sw_hooks.core.masks import ablate
+from sw_hooks.core.record import (
     ChannelMaxima,
     ChannelStats,
     TokenMasks,
     channel_maxima,
     merge_channel_maxima,
 )
-from sw_hooks.results import DetectionResult, SuperWeight
+from sw_hooks.core.results import DetectionResult, SuperWeight
 
 Progress = Callable[[str], None]
 Unit = tuple[str, int]
@@ -601,7 +601,7 @@ def expert_spike_candidates(
     experts: Mapping[str, ExpertsModule],
     options: DetectionOptions | None = None,
 ) -> list[SuperWeight]:
-    """Candidate super weights inside experts: :func:`~sw_hooks.detect.spike_candidates` per expert.
+    """Candidate super weights inside experts: :func:`~sw_hooks.analysis.detect.spike_candidates` per expert.
 
     Every routed expert of every layer is one unit of the population whose median sets
     the spike bar; inside a spiking expert, a spike pair ``(row, col)`` whose weight can
@@ -698,7 +698,7 @@ def detect_expert_weights(
 ) -> DetectionResult:
     """Detect super weights inside experts and verify each by zeroing it.
 
-    The same method and options as :func:`~sw_hooks.detect.run_detection`, per expert;
+    The same method and options as :func:`~sw_hooks.analysis.detect.run_detection`, per expert;
     each result carries ``expert``.
 
     Example:

@@ -1,8 +1,8 @@
 """Hugging Face ``Trainer`` glue: the super-weight monitor and guard as a ``TrainerCallback``.
 
-The monitoring loop is :class:`sw_hooks.session.MonitorSession`, the guard
-:class:`sw_hooks.guard.WeightGuard`; this file only wires them to the ``Trainer``'s
-events. :func:`watch` (re-exported from :mod:`sw_hooks.session`) is the same monitor as a
+The monitoring loop is :class:`sw_hooks.training.session.MonitorSession`, the guard
+:class:`sw_hooks.training.guard.WeightGuard`; this file only wires them to the ``Trainer``'s
+events. :func:`watch` (re-exported from :mod:`sw_hooks.training.session`) is the same monitor as a
 context manager, for ``model.generate(...)`` or a hand-written loop.
 
 Example:
@@ -23,11 +23,17 @@ from typing import Any
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from sw_hooks.access import Coordinate
-from sw_hooks.guard import GUARD_MODES, WeightGuard
-from sw_hooks.monitor import WARNING_KINDS, Decision, NonFiniteWarning, SpikeTracker, WeightEvent
-from sw_hooks.results import SuperWeight
-from sw_hooks.session import MonitorSession, watch
+from sw_hooks.core.access import Coordinate
+from sw_hooks.core.results import SuperWeight
+from sw_hooks.training.guard import GUARD_MODES, WeightGuard
+from sw_hooks.training.monitor import (
+    WARNING_KINDS,
+    Decision,
+    NonFiniteWarning,
+    SpikeTracker,
+    WeightEvent,
+)
+from sw_hooks.training.session import MonitorSession, watch
 
 __all__ = ["SuperWeightCallback", "watch"]
 
@@ -37,8 +43,8 @@ class SuperWeightCallback(TrainerCallback):
 
     Every ``every_n_steps`` optimizer steps it records the down-projections over that
     step's micro-batches, reduces the maxima across processes (max), folds them into a
-    :class:`~sw_hooks.monitor.SpikeTracker` and warns about each new, collapsed or drifted
-    super weight. The scalars (names as in :func:`~sw_hooks.monitor.metric_values`) are
+    :class:`~sw_hooks.training.monitor.SpikeTracker` and warns about each new, collapsed or drifted
+    super weight. The scalars (names as in :func:`~sw_hooks.training.monitor.metric_values`) are
     appended to ``state.log_history`` on the main process (saved in ``trainer_state.json``)
     and kept in :attr:`last_values`. A recording holding a NaN or infinite activation (an
     fp16 overflow) is skipped, warned about once and counted in ``sw/nonfinite_steps``.
@@ -46,10 +52,10 @@ class SuperWeightCallback(TrainerCallback):
     Args:
         super_weights: weights known in advance; others are found on the fly.
         every_n_steps: record one optimizer step out of this many.
-        guard: ``None``, ``"restore"`` or ``"freeze"`` (see :mod:`sw_hooks.guard`); guards
+        guard: ``None``, ``"restore"`` or ``"freeze"`` (see :mod:`sw_hooks.training.guard`); guards
             ``super_weights``, or those found at the first recording if none were given.
         pattern, collapse_factor, drift_fraction, spike_options, prefix, strict: as for
-            :class:`sw_hooks.lightning.SuperWeightMonitor`.
+            :class:`sw_hooks.training.lightning.SuperWeightMonitor`.
     """
 
     def __init__(

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from sw_hooks.quant_config import QuantConfig, ZScoreClip, quant_grid
-from sw_hooks.results import DetectionResult, SuperWeight
+from sw_hooks.core.results import DetectionResult, SuperWeight
+from sw_hooks.quant.config import QuantConfig, ZScoreClip, quant_grid
 
 Progress = Callable[[str], None]
 REPORT_SCHEMA_VERSION = 2
@@ -42,13 +42,13 @@ class ReportOptions:
         prompt_tokens: tokens recorded for detection (the start of the text).
         quantization: the sweep's settings, each run with and without the super weights
             held out; ``()``: no sweep. Default: 4 bits at block sizes 128, 1024 and 4096
-            with ``zscore:6`` clipping (build others with :func:`~sw_hooks.quant_config.quant_grid`).
+            with ``zscore:6`` clipping (build others with :func:`~sw_hooks.quant.config.quant_grid`).
         radius: the weight heat map shows ``2 * radius + 1`` rows and columns.
         window, stride: perplexity windows.
         max_traced: at most this many super weights get a residual-stream trace and a heat map.
 
     Example:
-        >>> from sw_hooks.quant_config import quant_grid
+        >>> from sw_hooks.quant.config import quant_grid
         >>> options = ReportOptions(quantization=quant_grid([3], [64, 1024], ["zscore:6"]))
         >>> [config.block_size for config in options.quantization]
         [64, 1024]
@@ -84,8 +84,8 @@ class ReportData:
         detection: :meth:`DetectionResult.to_dict`, with the layer peaks the spikes figure
             draws (read them as :attr:`layer_peaks`).
         traces: per traced super weight, ``{"super_weight", "original", "ablated"}``.
-        patches: :func:`sw_hooks.trace.weight_patch` windows as dicts.
-        impact: :func:`sw_hooks.impact.table1` rows as dicts (empty with no super weight).
+        patches: :func:`sw_hooks.analysis.trace.weight_patch` windows as dicts.
+        impact: :func:`sw_hooks.analysis.impact.table1` rows as dicts (empty with no super weight).
         quantization: ``{"baseline_perplexity", "runs"}``.
         history: optional monitoring rows (``{name: value}``, with ``step``).
         options: the :class:`ReportOptions` used, as a dict.
@@ -179,7 +179,7 @@ def collect_report(
         >>> planted = planted_llama()
         >>> data = collect_report(planted.model, None, planted.calibration_ids())  # doctest: +SKIP
     """
-    from sw_hooks.detect import run_detection
+    from sw_hooks.analysis.detect import run_detection
 
     options = options or ReportOptions()
     if ids.dim() != 2 or ids.shape[1] < 2:
@@ -227,7 +227,7 @@ def _traces(
     options: ReportOptions,
     data: ReportData,
 ) -> None:
-    from sw_hooks.trace import super_activation_trace, weight_patch
+    from sw_hooks.analysis.trace import super_activation_trace, weight_patch
 
     for weight in shown[: options.max_traced]:
         original, ablated = super_activation_trace(model, prompt, weight)
@@ -249,7 +249,7 @@ def _impact(
     options: ReportOptions,
     progress: Progress | None,
 ) -> list[dict[str, Any]]:
-    from sw_hooks.impact import stopword_ids, table1
+    from sw_hooks.analysis.impact import stopword_ids, table1
 
     stopwords = stopword_ids(tokenizer) if tokenizer is not None else None
     rows = table1(
@@ -271,8 +271,8 @@ def _sweep(
     options: ReportOptions,
     progress: Progress | None,
 ) -> dict[str, Any]:
-    from sw_hooks.impact import perplexity
-    from sw_hooks.quantize import holdout_sweep
+    from sw_hooks.analysis.impact import perplexity
+    from sw_hooks.quant.quantize import holdout_sweep
 
     def measure() -> float:
         return perplexity(model, ids, window=options.window, stride=options.stride)
@@ -306,7 +306,7 @@ FIGURES = {
 
 def render_figures(data: ReportData) -> dict[str, Any]:
     """``{file name: Figure}`` for every figure the data supports, in report order."""
-    from sw_hooks import plots
+    from sw_hooks.outputs import plots
 
     result = data.result
     figures: dict[str, Any] = {}
@@ -333,7 +333,7 @@ def write_report(data: ReportData, out: str | Path) -> Path:
     Returns:
         The path of ``report.md``.
     """
-    from sw_hooks.plots import save_figure
+    from sw_hooks.outputs.plots import save_figure
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -122,7 +122,7 @@ def find_down_projections(
     experts = expert_module_names(model) if pattern is None else []
     if not found:
         where = f"matching {pattern!r}" if pattern is not None else "of a known architecture"
-        hint = " For mixture-of-experts layers use sw_hooks.moe." if experts else ""
+        hint = " For mixture-of-experts layers use sw_hooks.core.moe." if experts else ""
         raise ValueError(
             f"no MLP down-projection {where} in {type(model).__name__}; "
             f"{_describe_linear_modules(model)}. Pass pattern= to name them.{hint}"

@@ -17,13 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from sw_hooks.access import oriented_weight
-from sw_hooks.detect import layer_peaks_of
-from sw_hooks.devices import execution_device
-from sw_hooks.hooks import HookSet
-from sw_hooks.locate import find_down_projections, layer_index
-from sw_hooks.masks import ablate
-from sw_hooks.results import SuperWeight
+from sw_hooks.analysis.detect import layer_peaks_of
+from sw_hooks.core.access import oriented_weight
+from sw_hooks.core.devices import execution_device
+from sw_hooks.core.hooks import HookSet
+from sw_hooks.core.locate import find_down_projections, layer_index
+from sw_hooks.core.masks import ablate
+from sw_hooks.core.results import SuperWeight
 
 
 @dataclass(frozen=True)
@@ -237,11 +237,11 @@ def weight_patch(model: nn.Module, super_weight: SuperWeight, radius: int = 8) -
 def layer_peaks(stats: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Per down-projection: max ``|input|`` and ``|output|`` and the channel of each.
 
-    ``stats`` is :attr:`sw_hooks.record.Recorder.stats`. The rows are plain JSON, in layer
-    order, and are what :func:`sw_hooks.plots.activation_spikes` draws.
+    ``stats`` is :attr:`sw_hooks.core.record.Recorder.stats`. The rows are plain JSON, in layer
+    order, and are what :func:`sw_hooks.outputs.plots.activation_spikes` draws.
 
     Example:
-        >>> from sw_hooks.record import record
+        >>> from sw_hooks.core.record import record
         >>> from sw_hooks.testing import planted_llama
         >>> planted = planted_llama()
         >>> with record(planted.model) as rec, torch.no_grad():

@@ -37,11 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sw_hooks.devices import execution_device
-from sw_hooks.hooks import HookSet
-from sw_hooks.impact import IGNORE_INDEX, _check_ids, _logits, _window_batches
-from sw_hooks.masks import ablate
-from sw_hooks.results import SuperWeight
+from sw_hooks.analysis.impact import IGNORE_INDEX, _check_ids, _logits, _window_batches
+from sw_hooks.core.devices import execution_device
+from sw_hooks.core.hooks import HookSet
+from sw_hooks.core.masks import ablate
+from sw_hooks.core.results import SuperWeight
 
 Progress = Callable[[str], None]
 PROBE_TOKENS = 32

@@ -2,9 +2,9 @@
 
 The loop every monitor runs is written here once: attach a recorder when a step is due
 (:meth:`MonitorSession.start`), remove it and max-reduce what it recorded across processes
-(:class:`~sw_hooks.metrics.ChannelMax`, optional), skip a recording holding a NaN or
-infinite activation (:class:`~sw_hooks.monitor.NonFiniteSteps`), fold it into a
-:class:`~sw_hooks.monitor.SpikeTracker` and name the scalars to log
+(:class:`~sw_hooks.training.metrics.ChannelMax`, optional), skip a recording holding a NaN or
+infinite activation (:class:`~sw_hooks.training.monitor.NonFiniteSteps`), fold it into a
+:class:`~sw_hooks.training.monitor.SpikeTracker` and name the scalars to log
 (:meth:`MonitorSession.finish`). The Lightning callback, the Hugging Face callback and
 :func:`watch` only translate their own hooks into these calls, and report (warn, log)
 in their framework's way. Nothing here imports a training framework.
@@ -20,10 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from sw_hooks.access import CoordinateLike
-from sw_hooks.locate import find_down_projections
-from sw_hooks.metrics import ChannelMax, module_channels
-from sw_hooks.monitor import (
+from sw_hooks.core.access import CoordinateLike
+from sw_hooks.core.locate import find_down_projections
+from sw_hooks.core.record import LOCATED_CHANNELS, ChannelStats, Locations, Recorder
+from sw_hooks.core.results import SuperWeight
+from sw_hooks.training.metrics import ChannelMax, module_channels
+from sw_hooks.training.monitor import (
     Decision,
     NonFiniteSteps,
     SpikeTracker,
@@ -32,8 +34,6 @@ from sw_hooks.monitor import (
     fold_recording,
     warn_nonfinite,
 )
-from sw_hooks.record import LOCATED_CHANNELS, ChannelStats, Locations, Recorder
-from sw_hooks.results import SuperWeight
 
 
 class MonitorSession:
@@ -42,8 +42,8 @@ class MonitorSession:
     Call :meth:`start` before a step's forward passes and :meth:`finish` after them; a
     step is recorded when ``step % every_n_steps == 0`` (or with ``start(step,
     always=True)``, e.g. over a validation epoch). :meth:`finish` gives a
-    :class:`~sw_hooks.monitor.Decision` (events and the scalars named by
-    :func:`~sw_hooks.monitor.metric_values`) and keeps :attr:`last_values` and
+    :class:`~sw_hooks.training.monitor.Decision` (events and the scalars named by
+    :func:`~sw_hooks.training.monitor.metric_values`) and keeps :attr:`last_values` and
     :attr:`last_stats`. The history (tracker, skipped-step count, last values) is saved by
     :meth:`state_dict`.
 
@@ -53,20 +53,20 @@ class MonitorSession:
     Args:
         model: the model to record (or ``None`` and :meth:`bind` later).
         pattern: where the down-projections are, for unknown architectures (a glob or
-            compiled regex, as :func:`~sw_hooks.locate.find_down_projections`).
+            compiled regex, as :func:`~sw_hooks.core.locate.find_down_projections`).
         every_n_steps: record one step out of this many.
         super_weights: weights to watch from the start (names relative to ``model`` or to
             a model it holds); others are found on the fly.
         collapse_factor, drift_fraction, spike_options: see
-            :class:`~sw_hooks.monitor.SpikeTracker`.
+            :class:`~sw_hooks.training.monitor.SpikeTracker`.
         prefix: the first component of every scalar's name.
-        strict: raise :class:`~sw_hooks.monitor.NonFiniteActivationError` on a non-finite
+        strict: raise :class:`~sw_hooks.training.monitor.NonFiniteActivationError` on a non-finite
             activation instead of skipping that recording.
         warn: how to warn about the first skipped recording (default ``warnings.warn``).
         locations: which channels keep the token position of their maximum, as
             ``record(locations=...)``.
         reduce_across_processes: max-reduce each recording across processes with
-            :class:`~sw_hooks.metrics.ChannelMax` before deciding (a no-op on one process),
+            :class:`~sw_hooks.training.metrics.ChannelMax` before deciding (a no-op on one process),
             so every rank decides alike; every rank must then call :meth:`finish`.
         process_group: the group to reduce over (default: every process).
 
@@ -302,7 +302,7 @@ class Watch:
         """Decide on what was recorded so far, then start a fresh recording.
 
         A recording holding a NaN or infinite activation is skipped and counted (warned
-        about once), or raises :class:`~sw_hooks.monitor.NonFiniteActivationError` under
+        about once), or raises :class:`~sw_hooks.training.monitor.NonFiniteActivationError` under
         ``strict=True``.
         """
         decided = self.session.check(step, stage)
@@ -329,7 +329,7 @@ def watch(
     Call :meth:`Watch.check` inside the block to decide more often (every N steps). A
     recording with a NaN or infinite activation (an fp16 overflow) is skipped, counted
     in ``sw/nonfinite_steps`` and warned about once; ``strict=True`` raises
-    :class:`~sw_hooks.monitor.NonFiniteActivationError` instead.
+    :class:`~sw_hooks.training.monitor.NonFiniteActivationError` instead.
 
     Example:
         >>> from sw_hooks.testing import planted_llama

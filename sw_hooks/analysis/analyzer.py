@@ -12,13 +12,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from sw_hooks.detect import run_detection
-from sw_hooks.impact import Comparison, impact
-from sw_hooks.locate import find_down_projections, layer_index
-from sw_hooks.magnitude import find_by_magnitude
+from sw_hooks.analysis.detect import run_detection
+from sw_hooks.analysis.impact import Comparison, impact
+from sw_hooks.analysis.magnitude import find_by_magnitude
+from sw_hooks.core.locate import find_down_projections, layer_index
+from sw_hooks.core.record import record
+from sw_hooks.core.results import DetectionResult, SuperWeight
 from sw_hooks.models import calibration_text, load_model, tokenize
-from sw_hooks.record import record
-from sw_hooks.results import DetectionResult, SuperWeight
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ class TransformerAnalyzer:
         layers: Iterable[int] | None = None,
     ) -> list[SuperWeight]:
         """Weights that stand out by magnitude (unverified candidates); see
-        :func:`~sw_hooks.magnitude.find_by_magnitude`."""
+        :func:`~sw_hooks.analysis.magnitude.find_by_magnitude`."""
         found = find_by_magnitude(
             self.model, threshold, weight_type=weight_type, criterion=criterion, layers=layers
         )
@@ -110,7 +110,7 @@ class TransformerAnalyzer:
         return [_summarise(name, stats) for name, stats in recorder.stats.items()]
 
     def detect(self, text: str | torch.Tensor | None = None, **options: Any) -> DetectionResult:
-        """Activation-based detection with causal verification (:func:`~sw_hooks.detect.run_detection`)."""
+        """Activation-based detection with causal verification (:func:`~sw_hooks.analysis.detect.run_detection`)."""
         ids = self._ids(text)
         return run_detection(
             self.model, ids[:, :128], calibration=ids, model_name=self.name, **options

@@ -4,7 +4,7 @@ Perplexity uses torchmetrics' ``Perplexity`` over sliding windows: each window s
 only the tokens the previous one did not, with up to ``window - stride`` tokens of
 context before them.
 
-Inputs go to the model's execution device (:func:`sw_hooks.devices.execution_device`, right
+Inputs go to the model's execution device (:func:`sw_hooks.core.devices.execution_device`, right
 for accelerate-offloaded models too) and every metric lives on the logits' device.
 """
 
@@ -18,10 +18,10 @@ import torch
 from torch import nn
 from torchmetrics.text import Perplexity
 
-from sw_hooks.devices import execution_device
-from sw_hooks.magnitude import largest_weights
-from sw_hooks.masks import ablate, restore_activation
-from sw_hooks.results import SuperWeight
+from sw_hooks.analysis.magnitude import largest_weights
+from sw_hooks.core.devices import execution_device
+from sw_hooks.core.masks import ablate, restore_activation
+from sw_hooks.core.results import SuperWeight
 
 IGNORE_INDEX = -100
 STOPWORDS: tuple[str, ...] = (" the", ".", ",", " a", " and", " of", " to", "\n", " is", " in")

@@ -1,8 +1,8 @@
 """Lightning callbacks: monitor, ablate and guard super weights during training.
 
 Thin shells over the core: the monitoring loop (recording, the cross-rank reduction, the
-decisions) is :class:`sw_hooks.session.MonitorSession`, the masks :mod:`sw_hooks.masks` and
-the guard :class:`sw_hooks.guard.WeightGuard`. Nothing here needs a change to the user's
+decisions) is :class:`sw_hooks.training.session.MonitorSession`, the masks :mod:`sw_hooks.core.masks` and
+the guard :class:`sw_hooks.training.guard.WeightGuard`. Nothing here needs a change to the user's
 ``LightningModule``.
 
 Example:
@@ -34,10 +34,12 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from sw_hooks.access import Coordinate
-from sw_hooks.guard import GUARD_MODES, WeightGuard
-from sw_hooks.masks import WeightMask, ablate, scale
-from sw_hooks.monitor import (
+from sw_hooks.core.access import Coordinate
+from sw_hooks.core.masks import WeightMask, ablate, scale
+from sw_hooks.core.record import LOCATED_CHANNELS, ChannelStats, Locations
+from sw_hooks.core.results import SuperWeight
+from sw_hooks.training.guard import GUARD_MODES, WeightGuard
+from sw_hooks.training.monitor import (
     WARNING_KINDS,
     Decision,
     NonFiniteWarning,
@@ -45,9 +47,7 @@ from sw_hooks.monitor import (
     WeightEvent,
     qualify,
 )
-from sw_hooks.record import LOCATED_CHANNELS, ChannelStats, Locations
-from sw_hooks.results import SuperWeight
-from sw_hooks.session import MonitorSession
+from sw_hooks.training.session import MonitorSession
 
 SUPPORTED_STRATEGIES = (SingleDeviceStrategy, DDPStrategy, ModelParallelStrategy)
 # Subclasses of the supported ones whose parameters are not plain tensors or DTensors.
@@ -89,12 +89,12 @@ class SuperWeightMonitor(Callback):
 
     Every ``every_n_steps`` training steps (and over each validation epoch) it records the
     down-projections' per-channel max ``|input|``/``|output|``, reduces them across ranks
-    with a max, and folds them into a :class:`~sw_hooks.monitor.SpikeTracker` (all of it
-    one :class:`~sw_hooks.session.MonitorSession`; this callback only calls it): new spike
+    with a max, and folds them into a :class:`~sw_hooks.training.monitor.SpikeTracker` (all of it
+    one :class:`~sw_hooks.training.session.MonitorSession`; this callback only calls it): new spike
     pairs are flagged as they appear, known super weights when their super activation
     collapses or their value drifts. Each event is warned about (rank zero), logged, and
     kept in :attr:`events` and in checkpoints. Logged names are listed in
-    :func:`sw_hooks.monitor.metric_values` (``sw/train/layer_3/output_max``,
+    :func:`sw_hooks.training.monitor.metric_values` (``sw/train/layer_3/output_max``,
     ``sw/val/layer_1.row_5.col_17/activation``, ``sw/events/collapsed``...).
 
     A recording holding a NaN or infinite activation (an fp16 overflow that ``GradScaler``
@@ -108,14 +108,14 @@ class SuperWeightMonitor(Callback):
             ``LightningModule`` or to the model it holds); others are found on the fly.
         pattern: where the down-projections are, for unknown architectures.
         collapse_factor, drift_fraction, spike_options: see
-            :class:`~sw_hooks.monitor.SpikeTracker`.
+            :class:`~sw_hooks.training.monitor.SpikeTracker`.
         prefix: the first component of every logged name.
         require_logger: refuse a trainer without loggers (``False`` keeps only warnings
             and state).
         record_locations: which channels keep the token position of their maximum, as
             ``record(locations=...)``: the 32 largest of each recording by default,
             ``True`` every channel, ``False`` none (magnitudes only, positions -1).
-        strict: raise :class:`~sw_hooks.monitor.NonFiniteActivationError` on a non-finite
+        strict: raise :class:`~sw_hooks.training.monitor.NonFiniteActivationError` on a non-finite
             activation instead of skipping that recording.
 
     Example:

@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import torch
 from torch import nn
 
-from sw_hooks.locate import is_transposed
+from sw_hooks.core.locate import is_transposed
 
 if TYPE_CHECKING:
-    from sw_hooks.results import SuperWeight
+    from sw_hooks.core.results import SuperWeight
 
 CoordinateTuple: TypeAlias = tuple[str, int, int] | tuple[str, int, int, int]
 

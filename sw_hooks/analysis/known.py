@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sw_hooks.results import SuperWeight
+from sw_hooks.core.results import SuperWeight
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from sw_hooks.access import (
+from sw_hooks.core.access import (
     Coordinate,
     CoordinateLike,
     WeightElement,
@@ -32,8 +32,8 @@ from sw_hooks.access import (
     _local_shard_target,
     coordinates_of,
 )
-from sw_hooks.hooks import HookSet
-from sw_hooks.masks import WeightMask, preserve
+from sw_hooks.core.hooks import HookSet
+from sw_hooks.core.masks import WeightMask, preserve
 
 GUARD_MODES = ("restore", "freeze")
 

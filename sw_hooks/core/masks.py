@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from sw_hooks.access import CoordinateLike, WeightElement, coordinates_of
-from sw_hooks.hooks import HookSet
-from sw_hooks.results import SuperWeight
+from sw_hooks.core.access import CoordinateLike, WeightElement, coordinates_of
+from sw_hooks.core.hooks import HookSet
+from sw_hooks.core.results import SuperWeight
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -381,7 +381,7 @@ def restore_activation(model: nn.Module, weights: Sequence[SuperWeight]) -> Acti
 
     The paper's experiment: prune the super weights, restore the super activation, and
     see how much of the quality comes back. ``token_position`` is the absolute position
-    in the sequence (what :func:`~sw_hooks.record.record` and detection report), so this
+    in the sequence (what :func:`~sw_hooks.core.record.record` and detection report), so this
     also holds during ``model.generate`` with a KV cache.
 
     Example:

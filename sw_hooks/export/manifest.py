@@ -53,14 +53,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from sw_hooks.access import (
+from sw_hooks.core.access import (
     Coordinate,
     CoordinateLike,
     WeightElement,
     coordinates_of,
     oriented_shape,
 )
-from sw_hooks.results import DetectionResult, SuperWeight, read_json
+from sw_hooks.core.results import DetectionResult, SuperWeight, read_json
 
 FORMAT = "sw_hooks.super_weight_manifest"
 SCHEMA_VERSION = 1

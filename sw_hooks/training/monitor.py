@@ -12,11 +12,11 @@ first seen, and the events so far:
   reference value;
 * ``"recovered"``: a collapsed or drifted weight is back within both bounds.
 
-New spike pairs come from :func:`sw_hooks.detect.spike_candidates`, so the callbacks and
+New spike pairs come from :func:`sw_hooks.analysis.detect.spike_candidates`, so the callbacks and
 detection agree on what a spike is. :func:`fold_recording` is the step every monitor takes
 per recording (skip it if non-finite, else track it, then name the scalars with
 :func:`metric_values`). The loop around it (recorder, schedule, cross-process reduction,
-checkpoints) is :class:`sw_hooks.session.MonitorSession`, and :func:`sw_hooks.session.watch`
+checkpoints) is :class:`sw_hooks.training.session.MonitorSession`, and :func:`sw_hooks.training.session.watch`
 (also importable from here) wraps it around any forward code (``generate``, a plain
 training loop).
 """
@@ -32,10 +32,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from sw_hooks.access import Coordinate, CoordinateLike, WeightElement
-from sw_hooks.locate import layer_index
-from sw_hooks.record import ChannelStats
-from sw_hooks.results import SuperWeight
+from sw_hooks.core.access import Coordinate, CoordinateLike, WeightElement
+from sw_hooks.core.locate import layer_index
+from sw_hooks.core.record import ChannelStats
+from sw_hooks.core.results import SuperWeight
 
 EVENT_KINDS = ("found", "appeared", "collapsed", "drifted", "recovered")
 WARNING_KINDS = ("appeared", "collapsed", "drifted")
@@ -105,10 +105,10 @@ class SpikeTracker:
         collapse_factor: a weight collapses when its super activation falls below
             ``reference / collapse_factor``.
         drift_fraction: a weight drifts when ``|value - reference| > drift_fraction * |reference|``.
-        spike_options: passed to :func:`sw_hooks.detect.spike_candidates`.
+        spike_options: passed to :func:`sw_hooks.analysis.detect.spike_candidates`.
 
     Example:
-        >>> from sw_hooks.record import record
+        >>> from sw_hooks.core.record import record
         >>> from sw_hooks.testing import planted_llama
         >>> planted = planted_llama()
         >>> tracker = SpikeTracker()
@@ -186,7 +186,7 @@ class SpikeTracker:
         }
 
     def _new_spikes(self, model, stats, step: int, stage: str) -> list[WeightEvent]:
-        from sw_hooks.detect import spike_candidates
+        from sw_hooks.analysis.detect import spike_candidates
 
         kind = "found" if self.recordings == 0 else "appeared"
         events = []
@@ -279,7 +279,7 @@ def as_super_weight(weight: CoordinateLike) -> SuperWeight:
     if coordinate.expert is not None:
         raise ValueError(
             f"{coordinate.as_tuple()!r} is inside an expert: the training monitor tracks dense "
-            "down-projections only; record experts with sw_hooks.moe.record_experts"
+            "down-projections only; record experts with sw_hooks.core.moe.record_experts"
         )
     if isinstance(weight, SuperWeight):
         return weight
@@ -348,7 +348,7 @@ def find_nonfinite(stats: Mapping[str, ChannelStats]) -> NonFiniteActivation | N
     One device-to-host read when everything is finite (the usual case).
 
     Example:
-        >>> from sw_hooks.record import channel_maxima
+        >>> from sw_hooks.core.record import channel_maxima
         >>> bad = channel_maxima(torch.tensor([[[1.0, float("inf")]]]))
         >>> find_nonfinite({"mlp": ChannelStats(None, bad, 1)})
         NonFiniteActivation(module='mlp', side='output', channel=1, value=inf)
@@ -501,9 +501,9 @@ def metric_values(
 
 
 def __getattr__(name: str) -> Any:
-    """``watch`` and ``Watch`` live in :mod:`sw_hooks.session`; they stay importable from here."""
+    """``watch`` and ``Watch`` live in :mod:`sw_hooks.training.session`; they stay importable from here."""
     if name in ("watch", "Watch"):
-        from sw_hooks import session
+        from sw_hooks.training import session
 
         return getattr(session, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,1 @@
+"""Detection, verification and impact analysis of super weights."""

@@ -1,0 +1,1 @@
+"""Handing super weights to the tools that ship models."""

@@ -1,0 +1,1 @@
+"""Super-weight-aware quantization."""

@@ -18,7 +18,8 @@ import argparse
 import torch
 from transformers import AutoModelForCausalLM, OlmoeConfig
 
-from sw_hooks.core.moe import ExpertRecorder, find_experts
+from sw_hooks.core.experts import find_experts
+from sw_hooks.core.record import ExpertRecorder
 
 from _common import interleaved, paired_ratio, write
 

@@ -1,117 +1,89 @@
-"""sw_hooks: find, verify and handle super weights in transformer models with PyTorch hooks."""
+"""sw_hooks: find, verify and handle super weights in transformer models with PyTorch hooks.
 
-from sw_hooks.analysis.analyzer import TransformerAnalyzer
-from sw_hooks.analysis.detect import DetectionOptions, detect, run_detection, spike_candidates
-from sw_hooks.analysis.impact import compare, impact, perplexity, table1
-from sw_hooks.analysis.known import check_against_known, known_super_weights
-from sw_hooks.analysis.trace import (
-    ResidualTrace,
-    WeightPatch,
-    residual_trace,
-    super_activation_trace,
-    weight_patch,
-)
-from sw_hooks.core.access import Coordinate, WeightElement, oriented_weight
-from sw_hooks.core.locate import KNOWN_DOWN_PROJECTIONS, find_down_projections, layer_index
-from sw_hooks.core.masks import ablate, preserve, restore_activation, scale
-from sw_hooks.core.moe import (
-    detect_expert_weights,
-    detect_super_experts,
-    find_experts,
-    prune_experts,
-    record_experts,
-)
-from sw_hooks.core.record import ChannelMaxima, ChannelStats, Recorder, record
-from sw_hooks.core.results import (
-    DetectionResult,
-    SuperWeight,
-    load_super_weights,
-    save_super_weights,
-)
-from sw_hooks.export.manifest import (
-    ApplyReport,
-    Manifest,
-    apply_manifest,
-    read_manifest,
-    write_manifest,
-)
-from sw_hooks.models import DEFAULT_MODEL, calibration_text, load_model, tokenize
-from sw_hooks.quant.quantize import (
-    IQRClip,
-    QuantConfig,
-    QuantizedModel,
-    SweepRun,
-    TopFractionClip,
-    ZScoreClip,
-    holdout_sweep,
-    parse_clip,
-    quant_grid,
-    quantize_activations,
-    quantize_model,
-    quantize_tensor,
-)
+Every public name below is importable from here (``from sw_hooks import detect``). They are
+loaded on first use, so ``import sw_hooks`` stays cheap and a tool that needs one room (the
+recorder, say) does not pay for the rest (quantization, Lightning, plotting).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ApplyReport",
-    "Coordinate",
-    "Manifest",
-    "apply_manifest",
-    "read_manifest",
-    "write_manifest",
-    "DetectionOptions",
-    "TransformerAnalyzer",
-    "check_against_known",
-    "compare",
-    "detect",
-    "impact",
-    "known_super_weights",
-    "perplexity",
-    "run_detection",
-    "spike_candidates",
-    "table1",
-    "IQRClip",
-    "QuantConfig",
-    "QuantizedModel",
-    "quant_grid",
-    "TopFractionClip",
-    "ZScoreClip",
-    "parse_clip",
-    "quantize_activations",
-    "quantize_model",
-    "quantize_tensor",
-    "DEFAULT_MODEL",
-    "KNOWN_DOWN_PROJECTIONS",
-    "ChannelMaxima",
-    "ChannelStats",
-    "DetectionResult",
-    "Recorder",
-    "SuperWeight",
-    "WeightElement",
-    "ablate",
-    "calibration_text",
-    "find_down_projections",
-    "layer_index",
-    "load_model",
-    "load_super_weights",
-    "oriented_weight",
-    "preserve",
-    "record",
-    "restore_activation",
-    "save_super_weights",
-    "scale",
-    "tokenize",
-    "detect_expert_weights",
-    "detect_super_experts",
-    "find_experts",
-    "prune_experts",
-    "record_experts",
-    "ResidualTrace",
-    "WeightPatch",
-    "residual_trace",
-    "super_activation_trace",
-    "weight_patch",
-    "SweepRun",
-    "holdout_sweep",
-]
+_HOMES: dict[str, tuple[str, ...]] = {
+    "sw_hooks.analysis.analyzer": ("TransformerAnalyzer",),
+    "sw_hooks.analysis.detect": (
+        "detect",
+        "detect_expert_weights",
+        "DetectionOptions",
+        "run_detection",
+        "spike_candidates",
+    ),
+    "sw_hooks.analysis.impact": ("compare", "impact", "perplexity", "table1"),
+    "sw_hooks.analysis.known": ("check_against_known", "known_super_weights"),
+    "sw_hooks.analysis.super_experts": ("detect_super_experts", "prune_experts"),
+    "sw_hooks.analysis.trace": (
+        "residual_trace",
+        "ResidualTrace",
+        "super_activation_trace",
+        "weight_patch",
+        "WeightPatch",
+    ),
+    "sw_hooks.core.access": ("Coordinate", "oriented_weight", "WeightElement"),
+    "sw_hooks.core.experts": ("find_experts",),
+    "sw_hooks.core.locate": ("find_down_projections", "KNOWN_DOWN_PROJECTIONS", "layer_index"),
+    "sw_hooks.core.masks": ("ablate", "preserve", "restore_activation", "scale"),
+    "sw_hooks.core.record": (
+        "ChannelMaxima",
+        "ChannelStats",
+        "record",
+        "record_experts",
+        "Recorder",
+    ),
+    "sw_hooks.core.results": (
+        "DetectionResult",
+        "load_super_weights",
+        "save_super_weights",
+        "SuperExpert",
+        "SuperWeight",
+    ),
+    "sw_hooks.core.units": ("Unit",),
+    "sw_hooks.export.manifest": (
+        "apply_manifest",
+        "ApplyReport",
+        "Manifest",
+        "read_manifest",
+        "write_manifest",
+    ),
+    "sw_hooks.models": ("calibration_text", "DEFAULT_MODEL", "load_model", "tokenize"),
+    "sw_hooks.quant.activations": ("quantize_activations",),
+    "sw_hooks.quant.config": (
+        "IQRClip",
+        "parse_clip",
+        "quant_grid",
+        "QuantConfig",
+        "TopFractionClip",
+        "ZScoreClip",
+    ),
+    "sw_hooks.quant.primitives": ("quantize_tensor",),
+    "sw_hooks.quant.quantize": ("quantize_model", "QuantizedModel"),
+    "sw_hooks.quant.sweep": ("holdout_sweep", "SweepRun"),
+}
+_HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
+
+__all__ = sorted(_HOME_OF)
+
+
+def __getattr__(name: str) -> Any:
+    module = _HOME_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sw_hooks' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -8,22 +8,19 @@ import pytest
 import torch
 from torch import nn
 
-from sw_hooks.core import moe
-from sw_hooks.core.access import WeightElement
-from sw_hooks.core.locate import find_down_projections
-from sw_hooks.core.masks import ablate, preserve, restore_activation, scale
-from sw_hooks.core.moe import (
-    ExpertRecorder,
-    detect_expert_weights,
+from sw_hooks.analysis.detect import detect_expert_weights, find_candidates
+from sw_hooks.analysis.super_experts import (
     detect_super_experts,
-    find_expert_candidates,
-    find_experts,
-    fused_down_projection,
     prune_experts,
-    record_experts,
     super_expert_candidates,
     super_expert_mask,
 )
+from sw_hooks.core import expert_record
+from sw_hooks.core.access import WeightElement
+from sw_hooks.core.experts import find_experts, fused_down_projection
+from sw_hooks.core.locate import find_down_projections
+from sw_hooks.core.masks import ablate, preserve, restore_activation, scale
+from sw_hooks.core.record import ExpertRecorder, record_experts
 from sw_hooks.core.results import SuperWeight
 from sw_hooks.testing import MOE_ARCHITECTURES, planted_moe, tiny_moe_model, to_expert_list
 
@@ -68,7 +65,7 @@ def test_routing_counts_equal_router_choices(planted):
 
 
 def test_planted_expert_weight_and_super_expert_are_found_exactly(planted):
-    candidates, _ = find_expert_candidates(planted.model, planted.prompt())
+    candidates, _ = find_candidates(planted.model, planted.prompt(), modules=[], experts=True)
     assert [(w.layer, w.expert, w.row, w.col) for w in candidates] == [(1, 3, 5, 17)]
     assert candidates[0].module == SUPER_WEIGHT[0]
     assert candidates[0].value == pytest.approx(8.0)
@@ -129,7 +126,7 @@ def test_list_layout_records_and_detects_the_same(mixtral):
         b = stats[1][name]
         assert a.tokens.tolist() == b.tokens.tolist()
         torch.testing.assert_close(a.output.abs_max, b.output.abs_max, rtol=1e-4, atol=1e-5)
-    candidates, _ = find_expert_candidates(listed, mixtral.prompt())
+    candidates, _ = find_candidates(listed, mixtral.prompt(), modules=[], experts=True)
     assert [(w.module, w.expert, w.row, w.col) for w in candidates] == [
         ("model.layers.1.mlp.experts.3.down_proj", 3, 5, 17)
     ]
@@ -275,19 +272,6 @@ def test_guard_holds_a_fused_expert_weight_through_adamw(mode):
     assert not torch.equal(after, before)  # its neighbours moved
 
 
-def test_quantize_refuses_expert_holdout_clearly():
-    from sw_hooks.quant.quantize import QuantConfig, quantize_model
-
-    planted = planted_moe("mixtral")
-    weight = next(p for p in planted.planted if getattr(p, "expert", None) is not None)
-    with pytest.raises(ValueError, match="fused expert"):
-        quantize_model(
-            planted.model,
-            QuantConfig(4, 64),
-            holdout=[(weight.module, weight.expert, weight.row, weight.col)],
-        )
-
-
 def test_monitor_refuses_expert_weights_clearly():
     from sw_hooks.training.monitor import SpikeTracker
 
@@ -352,7 +336,7 @@ def test_recording_runs_each_expert_once_and_leaves_the_output_unchanged(
         recomputed.append(expert)
         return fused_down_projection(experts, hidden, expert)
 
-    monkeypatch.setattr(moe, "fused_down_projection", counting)
+    monkeypatch.setattr(expert_record, "fused_down_projection", counting)
     with torch.no_grad():
         plain = model(ids).logits
         with record_experts(model) as recorder:

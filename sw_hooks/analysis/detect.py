@@ -26,212 +26,27 @@ from typing import Any
 import torch
 from torch import nn
 
+from sw_hooks.analysis.candidates import (  # noqa: F401  (the detection vocabulary, here too)
+    check_finite,
+    layer_peaks_of,
+    spike_candidates,
+    spiking_layers,
+)
+from sw_hooks.analysis.options import DetectionOptions, resolve_options
+from sw_hooks.analysis.super_experts import prune_super_experts, super_expert_candidates
 from sw_hooks.analysis.verify import VerifySettings, measure_impacts
-from sw_hooks.core.access import WeightElement
-from sw_hooks.core.devices import execution_device
-from sw_hooks.core.locate import find_down_projections, layer_index
+from sw_hooks.core.devices import forward_on_device, ids_of  # noqa: F401
 from sw_hooks.core.masks import ablate
-from sw_hooks.core.record import ChannelMaxima, ChannelStats, record
-from sw_hooks.core.results import DetectionResult, LayerPeak, SuperWeight
+from sw_hooks.core.record import (
+    ExpertSelection,
+    ModuleSelection,
+    Recorder,
+    record,
+    select_units,
+)
+from sw_hooks.core.results import DetectionResult, LayerPeak, SuperExpert, SuperWeight
 
 Progress = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class DetectionOptions:
-    """Thresholds of :func:`detect`, all documented, none buried in code.
-
-    Attributes:
-        spike_factor: a layer spikes when its max ``|input|`` and its max ``|output|`` are
-            both at least this many times the (lower) median of those maxima over layers.
-        channel_ratio: within a spiking layer, channels within this fraction of the
-            layer's largest are spike channels (several super weights can share a row or
-            a column).
-        min_contribution: ``|w[row, col]| * input_max[col]`` must reach this fraction of
-            ``output_max[row]``: the weight must be able to explain the spike.
-        max_channels: at most this many spike channels per side and layer.
-        max_passes: record-and-ablate passes (each finds spikes the previous hid).
-        min_impact: perplexity ratio at which a candidate is called ``"super"``.
-        window, stride: perplexity windows over the calibration tokens.
-        reuse_prefix: measure a candidate by running only the blocks from its own on,
-            reusing the baseline's output of the blocks before it (exact; checked).
-        screen_exponent: after the first window, stop measuring a candidate whose ratio
-            there is below ``min_impact ** screen_exponent``; ``None`` measures every
-            candidate on every window. The rule and its error: :mod:`sw_hooks.analysis.verify`.
-    """
-
-    spike_factor: float = 8.0
-    channel_ratio: float = 0.5
-    min_contribution: float = 0.25
-    max_channels: int = 4
-    max_passes: int = 4
-    min_impact: float = 2.0
-    window: int = 512
-    stride: int = 256
-    reuse_prefix: bool = True
-    screen_exponent: float | None = 0.25
-
-    def __post_init__(self) -> None:
-        for name in ("spike_factor", "min_impact"):
-            value = getattr(self, name)
-            if not (isinstance(value, int | float) and value >= 1.0):
-                raise ValueError(f"{name} must be a number >= 1, got {value!r}")
-        for name in ("channel_ratio", "min_contribution"):
-            value = getattr(self, name)
-            if not (isinstance(value, int | float) and 0.0 < value <= 1.0):
-                raise ValueError(f"{name} must be in (0, 1], got {value!r}")
-        exponent = self.screen_exponent
-        if exponent is not None and not (isinstance(exponent, int | float) and 0 < exponent < 1):
-            raise ValueError(f"screen_exponent must be in (0, 1) or None, got {exponent!r}")
-        if not isinstance(self.reuse_prefix, bool):
-            raise ValueError(f"reuse_prefix must be True or False, got {self.reuse_prefix!r}")
-        for name in ("max_channels", "max_passes", "window", "stride"):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and value >= 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _layer_peaks(stats: Mapping[str, ChannelStats]) -> tuple[torch.Tensor, torch.Tensor]:
-    inputs = torch.stack([s.input.abs_max.max() for s in stats.values()])
-    outputs = torch.stack([s.output.abs_max.max() for s in stats.values()])
-    return inputs, outputs
-
-
-def spiking_layers(stats: Mapping[str, ChannelStats], spike_factor: float) -> list[str]:
-    """Modules whose max ``|input|`` and ``|output|`` both stand ``spike_factor`` above the rest.
-
-    The reference is the *lower* median over layers, so spikes in up to half of the
-    layers cannot raise their own bar.
-    """
-    usable = {n: s for n, s in stats.items() if s.input is not None and s.output is not None}
-    if len(usable) < 2:
-        return []
-    inputs, outputs = _layer_peaks(usable)
-    spiking = (inputs >= spike_factor * inputs.median()) & (
-        outputs >= spike_factor * outputs.median()
-    )
-    return [name for name, hit in zip(usable, spiking.tolist(), strict=True) if hit]
-
-
-def check_finite(stats: Mapping[str, ChannelStats]) -> None:
-    """Refuse stats holding a NaN or infinite activation, naming where it first appeared.
-
-    The recorder keeps non-finite maxima (a NaN is never overwritten), so a model that
-    overflowed anywhere in the calibration pass cannot yield a spike ranking.
-    """
-    for name, module_stats in stats.items():
-        for side in ("input", "output"):
-            maxima: ChannelMaxima | None = getattr(module_stats, side)
-            if maxima is None or bool(maxima.abs_max.isfinite().all()):
-                continue
-            channel = int((~maxima.abs_max.isfinite()).nonzero()[0, 0])
-            raise ValueError(
-                f"non-finite activation ({float(maxima.value[channel])}) in the {side} of "
-                f"{name}, channel {channel}, token {int(maxima.token[channel])}: the model "
-                "overflowed or holds NaN/inf weights; detection needs finite activations"
-            )
-
-
-def _spike_channels(maxima: ChannelMaxima, ratio: float, limit: int) -> list[int]:
-    peak = maxima.abs_max.max()
-    count = min(limit, int((maxima.abs_max >= ratio * peak).sum()))
-    return maxima.abs_max.topk(count).indices.tolist()
-
-
-def spike_candidates(
-    model: nn.Module,
-    stats: Mapping[str, ChannelStats],
-    options: DetectionOptions | None = None,
-    **overrides: Any,
-) -> list[SuperWeight]:
-    """Turn recorder stats into candidate super weights (unverified).
-
-    Pure apart from reading the candidate weights' values. Each candidate is a spike pair
-    (output channel ``row``, input channel ``col``) in a spiking layer whose weight can
-    explain the output spike.
-
-    Example:
-        >>> from sw_hooks.testing import planted_llama
-        >>> planted = planted_llama(num_layers=6)
-        >>> with record(planted.model) as rec, torch.no_grad():
-        ...     _ = planted.model(planted.prompt())
-        >>> [(w.layer, w.row, w.col) for w in spike_candidates(planted.model, rec.stats)]
-        [(1, 5, 17), (5, 9, 33)]
-    """
-    options = _options(options, overrides)
-    check_finite(stats)
-    found = []
-    for name in spiking_layers(stats, options.spike_factor):
-        found += _layer_candidates(model, name, stats[name], options)
-    return found
-
-
-def _layer_candidates(
-    model: nn.Module, name: str, stats: ChannelStats, options: DetectionOptions
-) -> list[SuperWeight]:
-    inputs, outputs = stats.input, stats.output
-    candidates = []
-    for row in _spike_channels(outputs, options.channel_ratio, options.max_channels):
-        for col in _spike_channels(inputs, options.channel_ratio, options.max_channels):
-            value = WeightElement.resolve(model, (name, row, col)).read_float()
-            explained = abs(value) * float(inputs.abs_max[col])
-            if explained >= options.min_contribution * float(outputs.abs_max[row]):
-                candidates.append(
-                    SuperWeight(
-                        module=name,
-                        layer=layer_index(name),
-                        row=row,
-                        col=col,
-                        value=value,
-                        input_activation=float(inputs.value[col]),
-                        output_activation=float(outputs.value[row]),
-                        token_position=int(outputs.token[row]),
-                    )
-                )
-    return candidates
-
-
-def _options(options: DetectionOptions | None, overrides: Mapping[str, Any]) -> DetectionOptions:
-    base = options or DetectionOptions()
-    return DetectionOptions(**{**asdict(base), **overrides}) if overrides else base
-
-
-def forward_on_device(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch.Tensor]) -> None:
-    """One forward pass, with the inputs sent where the model runs."""
-    device = execution_device(model)
-    with torch.no_grad():
-        if isinstance(inputs, Mapping):
-            model(**{key: _sent(value, device) for key, value in inputs.items()})
-        else:
-            model(inputs.to(device))
-
-
-def _sent(value: Any, device: torch.device) -> Any:
-    return value.to(device) if isinstance(value, torch.Tensor) else value
-
-
-def layer_peaks_of(stats: Mapping[str, ChannelStats]) -> tuple[LayerPeak, ...]:
-    """Per recorded module with both sides: its largest ``|input|`` and ``|output|`` and channels.
-
-    Example:
-        >>> from sw_hooks.testing import planted_llama
-        >>> planted = planted_llama()
-        >>> with record(planted.model) as rec, torch.no_grad():
-        ...     _ = planted.model(planted.prompt())
-        >>> peak = layer_peaks_of(rec.stats)[1]
-        >>> (peak.layer, peak.output_channel, peak.input_channel)
-        (1, 5, 17)
-    """
-    peaks = []
-    for name, module_stats in stats.items():
-        if module_stats.input is None or module_stats.output is None:
-            continue
-        input_channel, input_max = module_stats.input.top()
-        output_channel, output_max = module_stats.output.top()
-        peaks.append(
-            LayerPeak(name, layer_index(name), input_max, input_channel, output_max, output_channel)
-        )
-    return tuple(peaks)
 
 
 @dataclass(frozen=True)
@@ -242,11 +57,13 @@ class CandidateSearch:
         candidates: spike pairs in discovery order (unverified).
         passes: record-and-ablate passes run.
         layer_peaks: :func:`layer_peaks_of` the first pass, kept for the result's readers.
+        super_experts: whole experts the first pass flagged (unverified).
     """
 
     candidates: list[SuperWeight]
     passes: int
     layer_peaks: tuple[LayerPeak, ...] = ()
+    super_experts: tuple[SuperExpert, ...] = ()
 
 
 def search_candidates(
@@ -254,28 +71,37 @@ def search_candidates(
     inputs: torch.Tensor | Mapping[str, torch.Tensor],
     options: DetectionOptions | None = None,
     *,
+    modules: ModuleSelection = None,
+    experts: ExpertSelection = None,
     progress: Progress | None = None,
 ) -> CandidateSearch:
-    """Iterate record -> candidates -> ablate until no layer shows a new spike pair.
+    """Iterate record -> candidates -> ablate until no unit shows a new spike pair.
 
-    A layer's spike pairs are all taken in the pass that first finds it; later passes
-    (with everything found so far zeroed) only look at layers not yet explained, so a
-    layer whose input keeps spiking cannot feed the loop row after row.
+    A unit's spike pairs are all taken in the pass that first finds it; later passes
+    (with everything found so far zeroed) only look at units not yet explained, so a
+    unit whose input keeps spiking cannot feed the loop row after row. ``modules`` and
+    ``experts`` choose the units as :func:`~sw_hooks.core.record.record` does: by default
+    every dense down-projection and every expert.
     """
     options = options or DetectionOptions()
-    modules = find_down_projections(model)
+    modules, experts = select_units(model, modules, experts)
     found: list[SuperWeight] = []
     peaks: tuple[LayerPeak, ...] = ()
+    flagged: list[SuperExpert] = []
     passes = 0
     started = time.perf_counter()
     for passes in range(1, options.max_passes + 1):
-        with ablate(model, found), record(model, modules) as recorder:
+        with ablate(model, found), record(model, modules, experts=experts) as recorder:
             forward_on_device(model, inputs)
+        units = recorder.units
         if passes == 1:
-            peaks = layer_peaks_of(recorder.stats)
-        explained = {w.module for w in found}
+            peaks = layer_peaks_of(units)
+            flagged = _flag_super_experts(recorder, options)
+        explained = {(w.module, w.expert) for w in found}
         new = [
-            c for c in spike_candidates(model, recorder.stats, options) if c.module not in explained
+            c
+            for c in spike_candidates(model, units, options)
+            if (c.module, c.expert) not in explained
         ]
         if progress:
             # Passes stop when one finds nothing new: the estimate is an upper bound.
@@ -285,7 +111,14 @@ def search_candidates(
         if not new:
             break
         found += new
-    return CandidateSearch(found, passes, peaks)
+    return CandidateSearch(found, passes, peaks, tuple(flagged))
+
+
+def _flag_super_experts(recorder: Recorder, options: DetectionOptions) -> list[SuperExpert]:
+    stats = recorder.expert_stats
+    if not stats:
+        return []
+    return super_expert_candidates(stats, options.expert_percentile, options.expert_min_fraction)
 
 
 def find_candidates(
@@ -293,13 +126,17 @@ def find_candidates(
     inputs: torch.Tensor | Mapping[str, torch.Tensor],
     options: DetectionOptions | None = None,
     *,
+    modules: ModuleSelection = None,
+    experts: ExpertSelection = None,
     progress: Progress | None = None,
 ) -> tuple[list[SuperWeight], int]:
     """:func:`search_candidates` without the peaks.
 
     Returns ``(candidates in discovery order, passes run)``.
     """
-    search = search_candidates(model, inputs, options, progress=progress)
+    search = search_candidates(
+        model, inputs, options, modules=modules, experts=experts, progress=progress
+    )
     return search.candidates, search.passes
 
 
@@ -317,16 +154,44 @@ def verify(
 
     Returns ``(candidates with impact and verdict, baseline perplexity, joint ablation ratio)``.
     """
+    measured = measure_impacts(
+        model, candidates, calibration, _settings(options), progress=progress
+    )
+    return measured.weights, measured.baseline_perplexity, measured.joint_ratio
+
+
+def verify_super_experts(
+    model: nn.Module,
+    experts: Sequence[SuperExpert],
+    calibration: torch.Tensor,
+    options: DetectionOptions | None = None,
+    *,
+    progress: Progress | None = None,
+) -> list[SuperExpert]:
+    """Measure each flagged expert: perplexity with its routing pruned over the baseline.
+
+    The same measurement as :func:`verify`, told to prune experts instead of zeroing weights.
+    """
+    measured = measure_impacts(
+        model,
+        experts,
+        calibration,
+        _settings(options),
+        ablation=prune_super_experts,
+        progress=progress,
+    )
+    return measured.weights
+
+
+def _settings(options: DetectionOptions | None) -> VerifySettings:
     options = options or DetectionOptions()
-    settings = VerifySettings(
+    return VerifySettings(
         min_impact=options.min_impact,
         window=options.window,
         stride=options.stride,
         reuse_prefix=options.reuse_prefix,
         screen_exponent=options.screen_exponent,
     )
-    measured = measure_impacts(model, candidates, calibration, settings, progress=progress)
-    return measured.weights, measured.baseline_perplexity, measured.joint_ratio
 
 
 def run_detection(
@@ -338,10 +203,15 @@ def run_detection(
     options: DetectionOptions | None = None,
     model_name: str | None = None,
     prepend_bos: bool = False,
+    modules: ModuleSelection = None,
+    experts: ExpertSelection = None,
     progress: Progress | None = None,
     **overrides: Any,
 ) -> DetectionResult:
     """Detect and (by default) verify super weights; everything :func:`detect` knows.
+
+    Dense down-projections and the experts of mixture-of-experts layers go through the
+    same steps (each routed expert is one unit); weights inside experts carry ``expert``.
 
     Args:
         model: any causal language model whose down-projections the locator finds.
@@ -350,10 +220,14 @@ def run_detection(
         verify_impact: measure each candidate's impact (else ``impact`` stays ``None``).
         options: thresholds; or pass them as keyword arguments (``min_impact=3.0``).
         model_name: a name for the result; prepend_bos: recorded with the result.
+        modules, experts: which units to search, as :func:`~sw_hooks.core.record.record`
+            takes them (default: every down-projection and every expert).
         progress: called with a line of text after each slow step.
     """
-    options = _options(options, overrides)
-    search = search_candidates(model, inputs, options, progress=progress)
+    options = resolve_options(options, overrides)
+    search = search_candidates(
+        model, inputs, options, modules=modules, experts=experts, progress=progress
+    )
     return finish_detection(
         model,
         search.candidates,
@@ -366,6 +240,7 @@ def run_detection(
         prepend_bos=prepend_bos,
         progress=progress,
         layer_peaks=search.layer_peaks,
+        super_experts=search.super_experts,
     )
 
 
@@ -382,6 +257,7 @@ def finish_detection(
     prepend_bos: bool = False,
     progress: Progress | None = None,
     layer_peaks: Sequence[LayerPeak] = (),
+    super_experts: Sequence[SuperExpert] = (),
 ) -> DetectionResult:
     """Order the candidates, verify them (unless told not to) and package the result.
 
@@ -400,8 +276,12 @@ def finish_detection(
     )
     baseline = joint = None
     if verify_impact:
-        ids = calibration if calibration is not None else _ids_of(inputs)
+        ids = calibration if calibration is not None else ids_of(inputs)
         ordered, baseline, joint = verify(model, ordered, ids, options, progress=progress)
+        if super_experts:
+            super_experts = verify_super_experts(
+                model, super_experts, ids, options, progress=progress
+            )
     return DetectionResult(
         model=model_name or type(model).__name__,
         super_weights=tuple(ordered),
@@ -411,11 +291,8 @@ def finish_detection(
         passes=passes,
         options=asdict(options),
         layer_peaks=tuple(layer_peaks),
+        super_experts=tuple(super_experts),
     )
-
-
-def _ids_of(inputs: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
-    return inputs["input_ids"] if isinstance(inputs, Mapping) else inputs
 
 
 def detect(
@@ -433,3 +310,20 @@ def detect(
         [(1, 5, 17, 'super'), (5, 9, 33, 'candidate')]
     """
     return list(run_detection(model, inputs, **options).super_weights)
+
+
+def detect_expert_weights(
+    model: nn.Module, inputs: torch.Tensor | Mapping[str, torch.Tensor], **options: Any
+) -> DetectionResult:
+    """:func:`run_detection` over the experts only (no dense down-projections).
+
+    Example:
+        >>> from sw_hooks.testing import planted_moe
+        >>> planted = planted_moe("mixtral")
+        >>> result = detect_expert_weights(
+        ...     planted.model, planted.prompt(), calibration=planted.calibration_ids()
+        ... )
+        >>> [(w.layer, w.expert, w.row, w.col, w.verdict) for w in result.super_weights]
+        [(1, 3, 5, 17, 'super')]
+    """
+    return run_detection(model, inputs, modules=[], experts=True, **options)

@@ -29,9 +29,9 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -41,10 +41,25 @@ from sw_hooks.analysis.impact import IGNORE_INDEX, _check_ids, _logits, _window_
 from sw_hooks.core.devices import execution_device
 from sw_hooks.core.hooks import HookSet
 from sw_hooks.core.masks import ablate
-from sw_hooks.core.results import SuperWeight
 
 Progress = Callable[[str], None]
 PROBE_TOKENS = 32
+
+
+class Measurable(Protocol):
+    """What can be measured: a super weight, a whole expert, anything an ablation removes."""
+
+    @property
+    def module(self) -> str: ...
+
+    @property
+    def label(self) -> str: ...
+
+    def with_impact(self, impact: float, min_impact: float) -> Any: ...
+
+
+Ablation = Callable[[nn.Module, Sequence[Any]], AbstractContextManager[Any]]
+"""``ablation(model, items)``: a context inside which ``items`` are removed from ``model``."""
 
 
 @dataclass(frozen=True)
@@ -84,7 +99,7 @@ class _Loss:
 
 @dataclass
 class _Candidate:
-    weight: SuperWeight
+    weight: Measurable
     block: int | None
     loss: _Loss = field(default_factory=_Loss)
     screened: bool = False
@@ -94,7 +109,8 @@ class _Candidate:
 class Measurement:
     """What :func:`measure_impacts` returns."""
 
-    weights: list[SuperWeight]
+    weights: list[Any]
+    """The measured items (the candidates, each with its impact and verdict)."""
     baseline_perplexity: float
     joint_ratio: float | None
     forwards: float
@@ -216,15 +232,21 @@ def _nothing() -> Iterator[dict[int, Any]]:
 @torch.no_grad()
 def measure_impacts(
     model: nn.Module,
-    candidates: Sequence[SuperWeight],
+    candidates: Sequence[Measurable],
     ids: torch.Tensor,
     settings: VerifySettings | None = None,
     *,
+    ablation: Ablation = ablate,
     progress: Progress | None = None,
 ) -> Measurement:
     """Each candidate's impact (perplexity ratio with it zeroed), the baseline and the joint ratio.
 
+    ``ablation`` says how a candidate is removed: by default :func:`~sw_hooks.core.masks.ablate`
+    zeroes super weights; :func:`~sw_hooks.analysis.super_experts.prune_experts` drops whole
+    experts from the routing. Prefix reuse starts at the block holding ``candidate.module``.
+
     Example:
+        >>> from sw_hooks.core.results import SuperWeight
         >>> from sw_hooks.testing import planted_llama
         >>> planted = planted_llama()
         >>> w = SuperWeight("model.layers.1.mlp.down_proj", 1, 5, 17, 0.0)
@@ -253,7 +275,7 @@ def measure_impacts(
             left = len(windows) * _window_cost(runner, states, joint_start) - 1.0
             what = f"verify {len(states)} candidate(s) over {len(windows)} window(s)"
             progress(f"{what}: about {_seconds_for(left, runner, started):.0f} s left")
-        _measure_window(model, runner, states, joint, joint_start, chunk, targets)
+        _measure_window(model, runner, states, joint, joint_start, chunk, targets, ablation)
         if index == 0:
             first_window = _Loss(baseline.total, baseline.tokens)
             if len(windows) > 1:
@@ -282,14 +304,15 @@ def _measure_window(
     joint_start: int | None,
     chunk: torch.Tensor,
     targets: torch.Tensor,
+    ablation: Ablation,
 ) -> None:
     """Each candidate still measured, then all of them together, on one window."""
     for state in states:
         if not state.screened:
-            with ablate(model, [state.weight]):
+            with ablation(model, [state.weight]):
                 state.loss.add(runner.run(chunk, state.block), targets)
     if states:
-        with ablate(model, [s.weight for s in states]):
+        with ablation(model, [s.weight for s in states]):
             joint.add(runner.run(chunk, joint_start), targets)
 
 
@@ -304,12 +327,12 @@ def _window_cost(runner: _Runner, states: list[_Candidate], joint_start: int | N
     return 1.0 + sum(active) + (runner.cost(joint_start) if states else 0.0)
 
 
-def _block_of(model: nn.Module, weight: SuperWeight) -> tuple[nn.ModuleList | None, int | None]:
+def _block_of(model: nn.Module, weight: Measurable) -> tuple[nn.ModuleList | None, int | None]:
     found = find_blocks(model, weight.module)
     return (found[0], found[1]) if found else (None, None)
 
 
-def _shared_blocks(model: nn.Module, candidates: Sequence[SuperWeight]) -> nn.ModuleList | None:
+def _shared_blocks(model: nn.Module, candidates: Sequence[Measurable]) -> nn.ModuleList | None:
     """The block list of the candidates when they all sit in one (else no prefix reuse)."""
     lists = {id(b): b for b, _ in (_block_of(model, w) for w in candidates) if b is not None}
     return next(iter(lists.values())) if len(lists) == 1 else None
@@ -338,11 +361,11 @@ def _screen(states: list[_Candidate], baseline: _Loss, settings: VerifySettings)
 
 def _verdict(
     state: _Candidate, reference: _Loss, settings: VerifySettings, progress: Progress | None
-) -> SuperWeight:
+) -> Any:
     """The candidate with its ratio over ``reference``, the baseline on the same tokens."""
     ratio = state.loss.ratio_over(reference)
     weight = state.weight
     if progress:
         note = " (screened after the first window)" if state.screened else ""
-        progress(f"layer {weight.layer} [{weight.row}, {weight.col}] x{ratio:.3f}{note}")
+        progress(f"{weight.label} x{ratio:.3f}{note}")
     return weight.with_impact(ratio, settings.min_impact)

@@ -9,7 +9,8 @@ one its accelerate hooks name.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -80,3 +81,22 @@ def execution_device(model: nn.Module) -> torch.device:
         or _first_real_parameter_device(model)
         or torch.device("cpu")
     )
+
+
+def forward_on_device(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch.Tensor]) -> None:
+    """One forward pass, with the inputs sent where the model runs."""
+    device = execution_device(model)
+    with torch.no_grad():
+        if isinstance(inputs, Mapping):
+            model(**{key: _sent(value, device) for key, value in inputs.items()})
+        else:
+            model(inputs.to(device))
+
+
+def _sent(value: Any, device: torch.device) -> Any:
+    return value.to(device) if isinstance(value, torch.Tensor) else value
+
+
+def ids_of(inputs: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The token ids of model inputs given as a tensor or a dict."""
+    return inputs["input_ids"] if isinstance(inputs, Mapping) else inputs

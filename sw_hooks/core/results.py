@@ -60,6 +60,14 @@ class SuperWeight:
         """Where this weight is, its expert included."""
         return Coordinate(self.module, self.row, self.col, self.expert)
 
+    @property
+    def label(self) -> str:
+        """``layer 1 [5, 17]``, with ``expert 3`` inside experts: for progress and tables."""
+        where = f"layer {self.layer}" + (
+            f" expert {self.expert}" if self.expert is not None else ""
+        )
+        return f"{where} [{self.row}, {self.col}]"
+
     def with_impact(self, impact: float, min_impact: float) -> SuperWeight:
         """A copy carrying a measured impact and the verdict it earns."""
         # NaN compares false: an unmeasurable impact never earns the verdict.
@@ -173,6 +181,60 @@ def _is_count(value: Any) -> bool:
 
 
 @dataclass(frozen=True)
+class SuperExpert:
+    """An expert whose down-projection output is massive compared with all experts'.
+
+    Attributes:
+        module: the experts module, e.g. ``model.layers.1.mlp.experts``.
+        layer, expert: where it is.
+        output_max: its max ``|down_proj output|``.
+        channel: the output channel of that maximum.
+        token_position: the token position of that maximum (-1 if unknown).
+        tokens: tokens routed to it while recording.
+        impact: perplexity with the expert pruned over without (``None`` if not measured).
+        verdict: ``"super"`` when ``impact`` reached ``min_impact``, else ``"candidate"``.
+    """
+
+    module: str
+    layer: int | None
+    expert: int
+    output_max: float
+    channel: int
+    token_position: int
+    tokens: int
+    impact: float | None = None
+    verdict: str = "candidate"
+
+    @property
+    def unit(self) -> tuple[str, int]:
+        """``(experts module, expert)``, what :func:`~sw_hooks.analysis.super_experts.prune_experts` takes."""
+        return (self.module, self.expert)
+
+    @property
+    def label(self) -> str:
+        return f"layer {self.layer} expert {self.expert}"
+
+    def with_impact(self, impact: float, min_impact: float) -> SuperExpert:
+        """A copy carrying a measured impact and the verdict it earns."""
+        verdict = "super" if impact >= min_impact else "candidate"
+        return replace(self, impact=impact, verdict=verdict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> SuperExpert:
+        """Build from :meth:`to_dict` output, with a clear error for a missing field."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a super expert must be a JSON object, got {type(data).__name__}")
+        names = [f.name for f in fields(cls)]
+        missing = [n for n in names[:7] if n not in data]
+        if missing:
+            raise ValueError(f"super expert lacks {missing}; got keys {sorted(data)}")
+        return cls(**{n: data[n] for n in names if n in data})
+
+
+@dataclass(frozen=True)
 class DetectionResult:
     """What :func:`sw_hooks.analysis.detect` found, with the numbers that back it.
 
@@ -184,8 +246,11 @@ class DetectionResult:
         prepend_bos: whether a BOS token was put before the prompt.
         passes: how many record-and-ablate passes detection ran.
         options: the :class:`~sw_hooks.analysis.detect.DetectionOptions` used, as a dict.
-        layer_peaks: per recorded down-projection, its peaks in the first (unablated)
-            pass; empty for expert detection and for files written before it was kept.
+        layer_peaks: per recorded down-projection (an experts module counts as one, its
+            loudest expert's), its peaks in the first (unablated) pass; empty in files
+            written before it was kept.
+        super_experts: whole experts found massive (and verified, when measured); empty
+            for dense models.
     """
 
     model: str
@@ -196,6 +261,7 @@ class DetectionResult:
     passes: int = 0
     options: dict[str, Any] = field(default_factory=dict)
     layer_peaks: tuple[LayerPeak, ...] = ()
+    super_experts: tuple[SuperExpert, ...] = ()
 
     @property
     def verified(self) -> tuple[SuperWeight, ...]:
@@ -206,6 +272,7 @@ class DetectionResult:
         data = asdict(self)
         data["super_weights"] = [w.to_dict() for w in self.super_weights]
         data["layer_peaks"] = [peak.to_dict() for peak in self.layer_peaks]
+        data["super_experts"] = [expert.to_dict() for expert in self.super_experts]
         return {"schema_version": SCHEMA_VERSION, **data}
 
     @classmethod
@@ -232,6 +299,7 @@ class DetectionResult:
             passes=int(data.get("passes", 0)),
             options=dict(data.get("options") or {}),
             layer_peaks=_layer_peaks(data.get("layer_peaks", [])),
+            super_experts=_super_experts(data.get("super_experts", [])),
         )
 
     def save(self, path: str | Path) -> None:
@@ -247,6 +315,12 @@ def _layer_peaks(rows: Any) -> tuple[LayerPeak, ...]:
     if not isinstance(rows, list):
         raise ValueError(f"'layer_peaks' must be a list, got {type(rows).__name__}")
     return tuple(LayerPeak.from_dict(row) for row in rows)
+
+
+def _super_experts(rows: Any) -> tuple[SuperExpert, ...]:
+    if not isinstance(rows, list):
+        raise ValueError(f"'super_experts' must be a list, got {type(rows).__name__}")
+    return tuple(SuperExpert.from_dict(row) for row in rows)
 
 
 def _optional_number(data: dict[str, Any], key: str) -> float | None:

@@ -20,13 +20,9 @@ from pathlib import Path
 import torch
 
 from sw_hooks.models import load_model
-from sw_hooks.quant.quantize import (
-    QuantConfig,
-    choose_qparams,
-    fake_quantize,
-    quantize_tensor,
-    select_modules,
-)
+from sw_hooks.quant.config import QuantConfig
+from sw_hooks.quant.primitives import choose_qparams, fake_quantize, quantize_tensor
+from sw_hooks.quant.targets import select_modules
 
 RESULTS = Path(__file__).parent / "results" / "quantize.json"
 

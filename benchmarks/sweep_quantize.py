@@ -19,7 +19,9 @@ import torch
 
 from sw_hooks.analysis.impact import perplexity
 from sw_hooks.models import calibration_text, load_model, tokenize
-from sw_hooks.quant.quantize import QuantConfig, quantize_activations, quantize_model
+from sw_hooks.quant.activations import quantize_activations
+from sw_hooks.quant.config import QuantConfig
+from sw_hooks.quant.quantize import quantize_model
 
 RESULTS = Path(__file__).parent / "results" / "quantize_sweep.json"
 SUPER_WEIGHT = ("model.layers.11.mlp.down_proj", 507, 1229)

@@ -9,7 +9,9 @@ from sw_hooks.core.access import Coordinate, WeightElement, coordinates_of
 from sw_hooks.core.masks import ablate
 from sw_hooks.core.record import record
 from sw_hooks.core.results import SuperWeight
-from sw_hooks.quant.quantize import QuantConfig, quantize_model, resolve_holdout
+from sw_hooks.quant.config import QuantConfig
+from sw_hooks.quant.quantize import quantize_model
+from sw_hooks.quant.targets import resolve_holdout
 from sw_hooks.testing import planted_llama, planted_moe
 from sw_hooks.training.guard import WeightGuard
 from sw_hooks.training.monitor import SpikeTracker

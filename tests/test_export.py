@@ -14,7 +14,8 @@ from sw_hooks.export.manifest import (
     read_manifest,
     write_manifest,
 )
-from sw_hooks.quant.quantize import QuantConfig, quantize_tensor
+from sw_hooks.quant.config import QuantConfig
+from sw_hooks.quant.primitives import quantize_tensor
 from sw_hooks.testing import plant_super_weight, planted_llama, tiny_model
 
 CAUSAL = ("model.layers.1.mlp.down_proj", 5, 17)

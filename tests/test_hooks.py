@@ -14,8 +14,9 @@ from sw_hooks.core.hooks import HookSet
 from sw_hooks.core.masks import restore_activation
 from sw_hooks.core.record import record
 from sw_hooks.core.results import SuperWeight
+from sw_hooks.quant.activations import quantize_activations
 from sw_hooks.quant.config import QuantConfig
-from sw_hooks.quant.quantize import QuantizedModel, quantize_activations
+from sw_hooks.quant.quantize import QuantizedModel
 from sw_hooks.testing import tiny_model
 from sw_hooks.training.guard import WeightGuard, guard
 

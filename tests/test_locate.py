@@ -84,3 +84,12 @@ def test_out_of_range_coordinate_is_named():
         WeightElement.resolve(model, ("model.layers.0.mlp.down_proj", 63, 127)).read(),
         model.model.layers[0].mlp.down_proj.weight[63, 127],
     )
+
+
+def test_the_result_says_how_each_module_was_found():
+    by_name = find_down_projections(tiny_model("gpt2", num_layers=2))
+    assert by_name.found_by == dict.fromkeys(
+        ["transformer.h.0.mlp.c_proj", "transformer.h.1.mlp.c_proj"], "name"
+    )
+    by_glob = find_down_projections(Custom(), "blocks.1?.ffn_out")
+    assert by_glob.found_by == dict.fromkeys(["blocks.10.ffn_out", "blocks.11.ffn_out"], "pattern")

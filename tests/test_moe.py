@@ -20,11 +20,12 @@ from sw_hooks.core.access import WeightElement
 from sw_hooks.core.experts import find_experts, fused_down_projection
 from sw_hooks.core.locate import find_down_projections
 from sw_hooks.core.masks import ablate, preserve, restore_activation, scale
-from sw_hooks.core.record import ExpertRecorder, record_experts
+from sw_hooks.core.record import ExpertRecorder, record, record_experts
 from sw_hooks.core.results import SuperWeight
 from sw_hooks.testing import MOE_ARCHITECTURES, planted_moe, tiny_moe_model, to_expert_list
 
 SUPER_WEIGHT = ("model.layers.1.mlp.experts.down_proj", 3, 5, 17)
+SUPER_WEIGHT_COORDINATE = ("model.layers.1.mlp.experts.down_proj", 3, 5, 17)
 
 
 @pytest.fixture(scope="module", params=MOE_ARCHITECTURES)
@@ -186,7 +187,7 @@ def test_padding_is_left_out_of_counts_and_maxima(mixtral):
     assert float(layer2.expert(6).output.abs_max[9]) < 50.0
 
 
-def test_dense_locator_warns_about_skipped_experts():
+def _qwen2_moe_with_a_dense_layer():
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(
@@ -202,10 +203,23 @@ def test_dense_locator_warns_about_skipped_experts():
         num_experts=4,
         mlp_only_layers=[0],
     )
-    model = AutoModelForCausalLM.from_config(config)
-    with pytest.warns(UserWarning, match=r"skipping the experts of model\.layers\.1\.mlp\.experts"):
-        assert list(find_down_projections(model)) == ["model.layers.0.mlp.down_proj"]
-    with pytest.raises(ValueError, match="use sw_hooks.core.moe"):
+    return AutoModelForCausalLM.from_config(config)
+
+
+def test_dense_units_and_experts_are_located_once_and_recorded_together():
+    model = _qwen2_moe_with_a_dense_layer()
+    dense = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.shared_expert.down_proj"]
+    assert list(find_down_projections(model)) == dense
+    with record(model) as recorder, torch.no_grad():
+        model(torch.tensor([[1, 2, 3, 4, 5]]))
+    assert list(recorder.stats) == dense
+    assert list(recorder.expert_stats) == ["model.layers.1.mlp.experts"]
+    routed = int(recorder.expert_stats["model.layers.1.mlp.experts"].tokens.sum())
+    assert routed == 5 * model.config.num_experts_per_tok
+    experts = [u for u in recorder.units if u.expert is not None]
+    assert {u.module for u in experts} == {"model.layers.1.mlp.experts.down_proj"}
+    assert sum(recorder.units[u].calls for u in experts) == routed
+    with pytest.raises(ValueError, match=r"Its experts \(model\.layers\.0\.mlp\.experts\)"):
         find_down_projections(tiny_moe_model("olmoe", num_layers=1))
 
 
@@ -272,13 +286,18 @@ def test_guard_holds_a_fused_expert_weight_through_adamw(mode):
     assert not torch.equal(after, before)  # its neighbours moved
 
 
-def test_monitor_refuses_expert_weights_clearly():
-    from sw_hooks.training.monitor import SpikeTracker
+def test_monitor_tracks_expert_weights(planted):
+    from sw_hooks.training.monitor import SpikeTracker, watch
 
-    with pytest.raises(ValueError, match="inside an expert"):
-        SpikeTracker([("model.layers.1.mlp.experts.down_proj", 3, 5, 17)])
-    with pytest.raises(ValueError, match="inside an expert"):
-        SpikeTracker([SuperWeight("model.layers.1.mlp.experts.down_proj", 1, 5, 17, 1.0, expert=3)])
+    tracker = SpikeTracker([("model.layers.1.mlp.experts.down_proj", 3, 5, 17)])
+    with watch(planted.model, tracker) as watcher, torch.no_grad():
+        planted.model(planted.prompt())
+    (weight,) = tracker.super_weights
+    assert (weight.module, weight.expert, weight.row, weight.col) == SUPER_WEIGHT_COORDINATE
+    assert weight.value == pytest.approx(8.0)
+    assert weight.output_activation > 100
+    assert watcher.values["sw/watch/layer_1.expert_3.row_5.col_17/value"] == pytest.approx(8.0)
+    assert not [e for e in watcher.events if e.kind != "found"]
 
 
 def test_expert_index_must_match_the_module_path():

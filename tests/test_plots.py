@@ -19,7 +19,8 @@ from sw_hooks.analysis.trace import layer_peaks, super_activation_trace, weight_
 from sw_hooks.core.record import record
 from sw_hooks.core.results import DetectionResult
 from sw_hooks.outputs import plots
-from sw_hooks.quant.quantize import QuantConfig, holdout_sweep
+from sw_hooks.quant.config import QuantConfig
+from sw_hooks.quant.sweep import holdout_sweep
 from sw_hooks.testing import PlantedModel, planted_llama
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -10,22 +10,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sw_hooks.core.access import oriented_weight
-from sw_hooks.quant import quantize as q
-from sw_hooks.quant.quantize import (
+from sw_hooks.quant import primitives as q
+from sw_hooks.quant.activations import quantize_activation_tokens, quantize_activations
+from sw_hooks.quant.config import (
     IQRClip,
     QuantConfig,
-    QuantizedModel,
     TopFractionClip,
     ZScoreClip,
-    choose_qparams,
     parse_clip,
     quant_grid,
-    quantize_activation_tokens,
-    quantize_activations,
-    quantize_model,
-    quantize_tensor,
-    select_modules,
 )
+from sw_hooks.quant.primitives import choose_qparams, quantize_tensor
+from sw_hooks.quant.quantize import QuantizedModel, quantize_model
+from sw_hooks.quant.targets import select_modules
 from sw_hooks.testing import tiny_model
 
 

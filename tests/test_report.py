@@ -121,7 +121,7 @@ def test_cli_report_bad_input_exits_2(tmp_path, capsys) -> None:
 
 
 def test_holdout_sweep_keeps_held_weights_exact_and_restores_the_model() -> None:
-    from sw_hooks.quant.quantize import holdout_sweep
+    from sw_hooks.quant.sweep import holdout_sweep
 
     planted = planted_llama()
     weight = planted.model.model.layers[1].mlp.down_proj.weight
@@ -186,3 +186,29 @@ def test_report_json_keeps_the_peaks_once_and_reads_version_1(report) -> None:
     without_peaks = {k: v for k, v in version_1.items() if k != "layer_peaks"}
     with pytest.raises(ValueError, match="lacks"):
         ReportData.from_dict(without_peaks)
+
+
+def test_report_html_is_one_file_with_the_figures_inside(report) -> None:
+    import base64
+    import re
+
+    _, out, _ = report
+    page = (out / "report.html").read_text()
+    for png in sorted(out.glob("*.png")):
+        encoded = base64.b64encode(png.read_bytes()).decode()
+        assert f'src="data:image/png;base64,{encoded}"' in page, png.name
+    sources = re.findall(r'\b(?:src|href)\s*=\s*"([^"]*)"', page)
+    assert len(sources) == 5 and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert "http" not in page and "<link" not in page and "<script" not in page
+    assert "<h1>Super weights of LlamaForCausalLM</h1>" in page
+    assert "<code>model.layers.1.mlp.down_proj</code>" in page
+
+
+def test_report_html_escapes_every_text(report, tmp_path) -> None:
+    from dataclasses import replace
+
+    data, _, _ = report
+    write_report(replace(data, model='<script src="x">&'), tmp_path)
+    page = (tmp_path / "report.html").read_text()
+    assert "<script" not in page
+    assert "<title>Super weights of &lt;script src=&quot;x&quot;&gt;&amp;</title>" in page

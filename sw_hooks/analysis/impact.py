@@ -278,7 +278,8 @@ def table1(
 ) -> list[ImpactRow]:
     """The paper's Table 1 on any model: original; super weights pruned; the same number of
     the largest *other* weights per matrix pruned; super weights pruned with the super
-    activation restored.
+    activation restored (left out for weights inside experts, where
+    :func:`~sw_hooks.core.masks.restore_activation` cannot act).
 
     ``outliers_per_matrix`` is how many of the largest non-super weights to zero in every
     decoder linear weight (the paper's code zeroes the top 1e-6 of each matrix).
@@ -290,15 +291,20 @@ def table1(
         ("original", [], 0),
         ("super weights pruned", [lambda: ablate(model, super_weights)], len(super_weights)),
         ("non-super outliers pruned", [lambda: ablate(model, outliers)], len(outliers)),
-        (
-            "super weights pruned, super activation restored",
-            [
-                lambda: ablate(model, super_weights),
-                lambda: restore_activation(model, super_weights),
-            ],
-            len(super_weights),
-        ),
     ]
+    # An expert's output is mixed with the others' before any module returns it, so a
+    # super activation inside experts cannot be written back: that row is left out.
+    if all(w.expert is None for w in super_weights):
+        conditions.append(
+            (
+                "super weights pruned, super activation restored",
+                [
+                    lambda: ablate(model, super_weights),
+                    lambda: restore_activation(model, super_weights),
+                ],
+                len(super_weights),
+            )
+        )
     if progress:
         progress(f"impact: {len(conditions)} conditions over {ids.shape[-1]} tokens")
     results = compare_many(

@@ -18,11 +18,12 @@ import torch
 from torch import nn
 
 from sw_hooks.analysis.detect import layer_peaks_of
-from sw_hooks.core.access import oriented_weight
+from sw_hooks.core.access import WeightElement
 from sw_hooks.core.devices import execution_device
 from sw_hooks.core.hooks import HookSet
-from sw_hooks.core.locate import find_down_projections, layer_index
+from sw_hooks.core.locate import layer_index
 from sw_hooks.core.masks import ablate
+from sw_hooks.core.record import recorded_module_names
 from sw_hooks.core.results import SuperWeight
 
 
@@ -63,7 +64,8 @@ class ResidualTrace:
 
 
 def decoder_layers(model: nn.Module) -> dict[int, nn.Module]:
-    """``{layer index: decoder layer module}``, found from the down-projections' names.
+    """``{layer index: decoder layer module}``, found from the recorded modules' names
+    (down-projections and experts modules).
 
     The decoder layer is the module named up to the layer number
     (``model.layers.3.mlp.down_proj`` -> ``model.layers.3``), which holds for every
@@ -75,7 +77,7 @@ def decoder_layers(model: nn.Module) -> dict[int, nn.Module]:
         [0, 1]
     """
     layers = {}
-    for name in find_down_projections(model):
+    for name in recorded_module_names(model):
         index = layer_index(name)
         if index is None:
             continue
@@ -221,7 +223,7 @@ def weight_patch(model: nn.Module, super_weight: SuperWeight, radius: int = 8) -
     """
     if radius < 0:
         raise ValueError(f"radius must be >= 0, got {radius}")
-    weight = oriented_weight(model.get_submodule(super_weight.module)).detach()
+    weight = WeightElement.resolve(model, super_weight.coordinate).matrix().detach()
     rows, cols = weight.shape
     if not (super_weight.row < rows and super_weight.col < cols):
         raise ValueError(

@@ -17,7 +17,7 @@ from typing import NoReturn
 
 from sw_hooks.cli._common import CliError, first_line
 
-SUBCOMMANDS = ("detect", "quantize", "report")
+SUBCOMMANDS = ("detect", "quantize", "report", "compare", "export", "quantizer_config")
 USAGE_ERROR = 2
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,11 @@ from sw_hooks.cli._common import (
     token_ids,
 )
 from sw_hooks.cli._paths import check_output_file, write_output
+from sw_hooks.core.access import Coordinate
 from sw_hooks.quant.config import QuantConfig, quant_grid
 
 DEFAULTS = QuantConfig()
+_INDEX = re.compile(r"-?\d+")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,9 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "quantize",
         help="perplexity after blockwise RTN, with and without the super weights held out",
         description=(
-            "Fake-quantize every linear weight but the embeddings and the LM head, for each "
-            "bits x block size x clip setting, with and without the super weights held out in "
-            "full precision, and print the perplexity beside the unquantized baseline."
+            "Fake-quantize every linear weight but the embeddings and the LM head (and every "
+            "expert's weights, one expert at a time), for each bits x block size x clip "
+            "setting, with and without the super weights held out in full precision, and print "
+            "the perplexity beside the unquantized baseline."
         ),
     )
     add_model_arguments(parser)
@@ -63,7 +67,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         default=None,
         metavar="MODULE:ROW:COL",
-        help="a super weight to hold out (repeatable); default: detect them",
+        help="a super weight to hold out, MODULE:ROW:COL or, inside fused experts, "
+        "MODULE:EXPERT:ROW:COL (repeatable); default: detect them",
     )
     given.add_argument(
         "--super-weights",
@@ -90,18 +95,19 @@ def _configs(args: argparse.Namespace) -> tuple[QuantConfig, ...]:
         raise CliError(str(error)) from None
 
 
-def _parse_holdout(specs: list[str]) -> list[tuple[str, int, int]]:
-    triples = []
-    for spec in specs:
-        module, _, rest = spec.rpartition(":")
-        module, _, row = module.rpartition(":")
-        try:
-            triples.append((module, int(row), int(rest)))
-        except ValueError:
-            raise CliError(f"--holdout takes MODULE:ROW:COL, got {spec!r}") from None
-        if not module:
-            raise CliError(f"--holdout takes MODULE:ROW:COL, got {spec!r}")
-    return triples
+def _parse_holdout(specs: list[str]) -> list[Coordinate]:
+    return [_parse_coordinate(spec) for spec in specs]
+
+
+def _parse_coordinate(spec: str) -> Coordinate:
+    """``MODULE:ROW:COL`` or ``MODULE:EXPERT:ROW:COL`` (module names hold no colon)."""
+    module, *indices = spec.split(":")
+    if not module or len(indices) not in (2, 3) or not all(map(_INDEX.fullmatch, indices)):
+        raise CliError(f"--holdout takes MODULE:ROW:COL or MODULE:EXPERT:ROW:COL, got {spec!r}")
+    try:
+        return Coordinate.of((module, *map(int, indices)))
+    except ValueError as error:
+        raise CliError(f"--holdout {spec}: {error}") from None
 
 
 def _read_super_weights(path: Path) -> list[Any]:
@@ -130,10 +136,14 @@ def _detected_super_weights(args: argparse.Namespace, model: nn.Module, ids: Any
     return list(result.super_weights)
 
 
-def _describe(weights: list[Any], shown: int = 4) -> str:
-    from sw_hooks.core.access import as_triple
+def _name(coordinate: Coordinate) -> str:
+    """``module[row, col]``, or ``module[expert E][row, col]`` inside fused experts."""
+    expert = "" if coordinate.expert is None else f"[expert {coordinate.expert}]"
+    return f"{coordinate.module}{expert}[{coordinate.row}, {coordinate.col}]"
 
-    names = [f"{m}[{r}, {c}]" for m, r, c in map(as_triple, weights)]
+
+def _describe(weights: list[Any], shown: int = 4) -> str:
+    names = [_name(Coordinate.of(weight)) for weight in weights]
     more = f" and {len(names) - shown} more" if len(names) > shown else ""
     return (", ".join(names[:shown]) + more) or "none"
 
@@ -157,7 +167,8 @@ def _table(baseline: float, runs: list[dict[str, Any]]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from sw_hooks.analysis.impact import perplexity
-    from sw_hooks.quant.quantize import holdout_sweep, resolve_holdout
+    from sw_hooks.quant.sweep import holdout_sweep
+    from sw_hooks.quant.targets import resolve_holdout
 
     configs = _configs(args)
     check_model_arguments(args)
@@ -186,15 +197,9 @@ def run(args: argparse.Namespace) -> int:
         payload = {
             "model": name,
             "tokens": int(ids.shape[1]),
-            "super_weights": [list(_as_triple(w)) for w in weights],
+            "super_weights": [list(Coordinate.of(w).as_tuple()) for w in weights],
             "baseline_perplexity": baseline,
             "runs": runs,
         }
         write_output(args.json, json.dumps(payload, indent=2) + "\n")
     return 0
-
-
-def _as_triple(weight: Any) -> tuple[str, int, int]:
-    from sw_hooks.core.access import as_triple
-
-    return as_triple(weight)

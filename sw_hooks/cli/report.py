@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from sw_hooks.cli._common import (
     CliError,
     add_model_arguments,
     check_model_arguments,
+    first_line,
     load_model_for_cli,
     progress,
     read_text,
@@ -30,8 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="write a report with figures: spikes, residual stream, weights, impact, quantization",
         description=(
             "Detect and verify the super weights, measure the paper's Table 1 and a small "
-            "quantization sweep, and write DIR/report.md with the figures as PNGs beside it "
-            "and DIR/report.json with every number shown."
+            "quantization sweep, and write DIR/report.md with the figures as PNGs beside it, "
+            "DIR/report.html (one self-contained file, figures inside) and DIR/report.json "
+            "with every number shown."
         ),
     )
     add_model_arguments(parser)
@@ -66,6 +69,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=Path,
         default=None,
         help="a CSVLogger metrics.csv from SuperWeightMonitor to plot over training steps",
+    )
+    parser.add_argument(
+        "--candidate",
+        default=None,
+        help="a changed copy of MODEL (quantized, fine-tuned: folder or .gguf) to compare "
+        "with it: super activations, perplexity, KL, and both spike profiles",
     )
     parser.set_defaults(func=run)
 
@@ -107,7 +116,29 @@ def _check_plots_installed() -> None:
 def _report_files() -> tuple[str, ...]:
     from sw_hooks.outputs.report import FIGURES
 
-    return ("report.md", "report.json", *FIGURES)
+    return ("report.md", "report.html", "report.json", *FIGURES)
+
+
+def _check_candidate(spec: str | None) -> None:
+    """The candidate's path is looked at before any model loads."""
+    if spec is None:
+        return
+    from sw_hooks.models import check_model_spec
+
+    try:
+        check_model_spec(spec)
+    except (ValueError, TypeError, OSError) as error:
+        raise CliError(f"--candidate: {first_line(error)}") from None
+
+
+def _load_candidate(args: argparse.Namespace) -> tuple[Any, str | None]:
+    if args.candidate is None:
+        return None, None
+    one = argparse.Namespace(
+        model=args.candidate, gguf=None, quiet=args.quiet, no_cache=args.no_cache
+    )
+    candidate, _, name = load_model_for_cli(one)
+    return candidate, name
 
 
 def run(args: argparse.Namespace) -> int:
@@ -119,7 +150,9 @@ def run(args: argparse.Namespace) -> int:
     _check_plots_installed()
     history = _history(args.history)
     text = read_text(args.text)
+    _check_candidate(args.candidate)
     model, tokenizer, name = load_model_for_cli(args)
+    candidate, candidate_name = _load_candidate(args)
     ids = token_ids(tokenizer, text, args.max_tokens)
     data = collect_report(
         model,
@@ -128,6 +161,8 @@ def run(args: argparse.Namespace) -> int:
         model_name=name,
         options=options,
         progress=lambda line: progress(line, quiet=args.quiet),
+        candidate=candidate,
+        candidate_name=candidate_name,
     )
     data.history = history
     with step("writing figures", quiet=args.quiet):

@@ -86,6 +86,15 @@ class ExpertsModule:
             for expert in stats.tokens.nonzero().flatten().tolist()
         }
 
+    def channels(self) -> tuple[int, int]:
+        """``(in, out)`` channels of one expert's down-projection."""
+        if self.layout == "list":
+            out_features, in_features = self.expert_down_projection(0).weight.shape
+            return int(in_features), int(out_features)
+        _, first, second = self.module.down_proj.shape
+        transposed = getattr(self.module, "is_transposed", False) is True
+        return (int(first), int(second)) if transposed else (int(second), int(first))
+
     def owns(self, module: str) -> bool:
         """Whether ``module`` (an experts module or a coordinate's module) is these experts'."""
         return module == self.name or module.startswith(self.name + ".")

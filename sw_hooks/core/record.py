@@ -10,7 +10,6 @@ layout (:mod:`sw_hooks.core.expert_record`). What it yields is ``{Unit: ChannelS
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -154,7 +153,7 @@ class Recorder:
 
     def merge(self, other: Recorder | Mapping[str, ChannelStats | ExpertStats]) -> None:
         """Fold another recorder's stats (or a stats dict) into this one, elementwise max."""
-        incoming = other._all_stats() if isinstance(other, Recorder) else other
+        incoming = other.all_stats if isinstance(other, Recorder) else other
         for name, theirs in incoming.items():
             if isinstance(theirs, ExpertStats):
                 self._taps.stats[name] = merge_expert_stats(self._taps.stats.get(name), theirs)
@@ -162,13 +161,15 @@ class Recorder:
                 mine = self._stats.get(name)
                 self._stats[name] = theirs if mine is None else merge_stats(mine, theirs)
 
-    def _all_stats(self) -> dict[str, ChannelStats | ExpertStats]:
+    @property
+    def all_stats(self) -> dict[str, ChannelStats | ExpertStats]:
+        """:attr:`stats` and :attr:`expert_stats` in one mapping, keyed by module name."""
         return {**self._stats, **self._taps.stats}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Flat ``{"<module>.<input|output>.<field>": tensor, "<module>.calls": tensor}``;
         an experts module's maxima have a leading expert axis and it adds ``"<module>.tokens"``."""
-        return stats_to_state_dict(self._all_stats())
+        return stats_to_state_dict(self.all_stats)
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Replace the recorded stats with a :meth:`state_dict`."""
@@ -309,14 +310,24 @@ def select_units(
     return _select_modules(model, modules), chosen
 
 
+def recorded_module_names(model: nn.Module) -> list[str]:
+    """The modules :func:`record` hooks by default: dense down-projections, experts modules.
+
+    Example:
+        >>> from sw_hooks.testing import tiny_moe_model
+        >>> recorded_module_names(tiny_moe_model("mixtral", num_layers=1))
+        ['model.layers.0.mlp.experts']
+    """
+    modules, experts = select_units(model, None, None)
+    return [*modules, *experts]
+
+
 def _dense_beside_experts(model: nn.Module) -> dict[str, nn.Module]:
     """The dense down-projections of a model that has experts: there may be none."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="skipping the experts")
-        try:
-            return find_down_projections(model)
-        except ValueError:
-            return {}
+    try:
+        return find_down_projections(model)
+    except ValueError:
+        return {}
 
 
 def _inside_experts(name: str, experts: Mapping[str, ExpertsModule]) -> bool:

@@ -2,7 +2,10 @@
 
 :func:`collect_report` runs the measurements and returns :class:`ReportData` (plain JSON
 all the way down); :func:`write_report` draws every figure from that data and writes
-``report.md``, the PNGs beside it, and ``report.json`` with every number shown. The CLI's
+``report.md`` with the PNGs beside it, ``report.html`` (one self-contained file, the
+figures inside it) and ``report.json`` with every number shown. Given a candidate model
+(a quantized or fine-tuned copy), the report also compares the two
+(:mod:`sw_hooks.outputs.compare`) and draws both spike profiles. The CLI's
 ``sw-hooks report`` is these two calls.
 
 Example:
@@ -14,8 +17,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,121 +25,31 @@ import torch
 from torch import nn
 
 from sw_hooks.core.results import DetectionResult, SuperWeight
-from sw_hooks.quant.config import QuantConfig, ZScoreClip, quant_grid
+from sw_hooks.outputs.report_data import (
+    REPORT_BLOCK_SIZES,
+    REPORT_CLIP,
+    REPORT_SCHEMA_VERSION,
+    ReportData,
+    ReportOptions,
+    shown_weights,
+)
+from sw_hooks.outputs.report_render import render_html, render_markdown
+from sw_hooks.outputs.report_sections import FIGURES, report_blocks
+
+__all__ = [
+    "FIGURES",
+    "REPORT_BLOCK_SIZES",
+    "REPORT_CLIP",
+    "REPORT_SCHEMA_VERSION",
+    "ReportData",
+    "ReportOptions",
+    "collect_report",
+    "markdown",
+    "render_figures",
+    "write_report",
+]
 
 Progress = Callable[[str], None]
-REPORT_SCHEMA_VERSION = 2
-"""2: the layer peaks live in ``detection`` (version 1 kept a copy beside it; still read)."""
-
-
-REPORT_BLOCK_SIZES = (128, 1024, 4096)
-REPORT_CLIP = ZScoreClip(6.0)
-
-
-@dataclass(frozen=True)
-class ReportOptions:
-    """What a report measures; the defaults finish on SmolLM2-135M in minutes on 2 cores.
-
-    Attributes:
-        prompt_tokens: tokens recorded for detection (the start of the text).
-        quantization: the sweep's settings, each run with and without the super weights
-            held out; ``()``: no sweep. Default: 4 bits at block sizes 128, 1024 and 4096
-            with ``zscore:6`` clipping (build others with :func:`~sw_hooks.quant.config.quant_grid`).
-        radius: the weight heat map shows ``2 * radius + 1`` rows and columns.
-        window, stride: perplexity windows.
-        max_traced: at most this many super weights get a residual-stream trace and a heat map.
-
-    Example:
-        >>> from sw_hooks.quant.config import quant_grid
-        >>> options = ReportOptions(quantization=quant_grid([3], [64, 1024], ["zscore:6"]))
-        >>> [config.block_size for config in options.quantization]
-        [64, 1024]
-    """
-
-    prompt_tokens: int = 128
-    quantization: tuple[QuantConfig, ...] = quant_grid([4], REPORT_BLOCK_SIZES, [REPORT_CLIP])
-    radius: int = 8
-    window: int = 512
-    stride: int = 256
-    max_traced: int = 3
-
-    def __post_init__(self) -> None:
-        if self.prompt_tokens < 2 or self.radius < 0 or self.max_traced < 1:
-            raise ValueError("prompt_tokens >= 2, radius >= 0 and max_traced >= 1 are required")
-        configs = tuple(self.quantization)
-        if not all(isinstance(config, QuantConfig) for config in configs):
-            raise ValueError("quantization takes QuantConfig objects, e.g. quant_grid(...)")
-        object.__setattr__(self, "quantization", configs)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON: each quantization config as :meth:`QuantConfig.to_dict`."""
-        fields = {name: getattr(self, name) for name in self.__dataclass_fields__}
-        return {**fields, "quantization": [config.to_dict() for config in self.quantization]}
-
-
-@dataclass
-class ReportData:
-    """Every number a report shows, in plain JSON-ready form.
-
-    Attributes:
-        model: the model's display name; tokens: tokens of text measured.
-        detection: :meth:`DetectionResult.to_dict`, with the layer peaks the spikes figure
-            draws (read them as :attr:`layer_peaks`).
-        traces: per traced super weight, ``{"super_weight", "original", "ablated"}``.
-        patches: :func:`sw_hooks.analysis.trace.weight_patch` windows as dicts.
-        impact: :func:`sw_hooks.analysis.impact.table1` rows as dicts (empty with no super weight).
-        quantization: ``{"baseline_perplexity", "runs"}``.
-        history: optional monitoring rows (``{name: value}``, with ``step``).
-        options: the :class:`ReportOptions` used, as a dict.
-        timings: seconds per stage.
-    """
-
-    model: str
-    tokens: int
-    detection: dict[str, Any]
-    traces: list[dict[str, Any]] = field(default_factory=list)
-    patches: list[dict[str, Any]] = field(default_factory=list)
-    impact: list[dict[str, Any]] = field(default_factory=list)
-    quantization: dict[str, Any] = field(default_factory=dict)
-    history: list[dict[str, float]] = field(default_factory=list)
-    options: dict[str, Any] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"schema_version": REPORT_SCHEMA_VERSION, **asdict(self)}
-
-    @classmethod
-    def from_dict(cls, data: Any) -> ReportData:
-        """Read :meth:`to_dict` output (or a version 1 report) back, with a clear error."""
-        version = data.get("schema_version") if isinstance(data, Mapping) else None
-        if version not in (1, REPORT_SCHEMA_VERSION):
-            raise ValueError(
-                f"not a sw_hooks report of schema_version 1 or {REPORT_SCHEMA_VERSION}"
-            )
-        required = {"model", "tokens", "detection"} | ({"layer_peaks"} if version == 1 else set())
-        missing = required - set(data)
-        if missing:
-            raise ValueError(f"report JSON lacks {sorted(missing)}")
-        detection = dict(data["detection"]) if isinstance(data["detection"], Mapping) else None
-        if version == 1 and detection is not None:
-            detection.setdefault("layer_peaks", data["layer_peaks"])
-        DetectionResult.from_dict(detection)  # checks the detection part
-        names = set(cls.__dataclass_fields__)
-        return cls(**{**{k: v for k, v in data.items() if k in names}, "detection": detection})
-
-    @property
-    def result(self) -> DetectionResult:
-        return DetectionResult.from_dict(self.detection)
-
-    @property
-    def layer_peaks(self) -> list[dict[str, Any]]:
-        """Detection's first-pass peaks per down-projection, as JSON rows."""
-        return [peak.to_dict() for peak in self.result.layer_peaks]
-
-
-def _shown(result: DetectionResult) -> list[SuperWeight]:
-    """The weights the report is about: the verified ones, else every candidate."""
-    return list(result.verified or result.super_weights)
 
 
 class _Timer:
@@ -164,6 +76,8 @@ def collect_report(
     model_name: str | None = None,
     options: ReportOptions | None = None,
     progress: Progress | None = None,
+    candidate: nn.Module | None = None,
+    candidate_name: str | None = None,
 ) -> ReportData:
     """Detect, measure impact and sweep quantization: every number a report needs.
 
@@ -173,6 +87,10 @@ def collect_report(
         ids: token ids ``[1, tokens]``: the prompt is their start, the rest is for perplexity.
         model_name: the name shown; options: see :class:`ReportOptions`.
         progress: called with a line of text as each stage starts and ends.
+        candidate: a changed copy of ``model`` (quantized, fine-tuned) to compare with it on
+            the same tokens (:func:`~sw_hooks.outputs.compare.compare_models`), following the
+            report's super weights; checked against ``model`` before any measurement.
+        candidate_name: the candidate's name shown.
 
     Example:
         >>> from sw_hooks.testing import planted_llama
@@ -180,12 +98,15 @@ def collect_report(
         >>> data = collect_report(planted.model, None, planted.calibration_ids())  # doctest: +SKIP
     """
     from sw_hooks.analysis.detect import run_detection
+    from sw_hooks.outputs.compare import check_comparable
 
     options = options or ReportOptions()
     if ids.dim() != 2 or ids.shape[1] < 2:
         raise ValueError(
             f"need token ids [1, tokens] with at least 2 tokens, got {tuple(ids.shape)}"
         )
+    if candidate is not None:
+        check_comparable(model, candidate, ())
     timer = _Timer(progress)
     prompt = ids[:, : options.prompt_tokens]
     result = timer.run(
@@ -206,7 +127,7 @@ def collect_report(
         detection=result.to_dict(),
         options=options.to_dict(),
     )
-    shown = _shown(result)
+    shown = shown_weights(result)
     if shown:
         timer.run("residual-stream traces", lambda: _traces(model, prompt, shown, options, data))
         data.impact = timer.run(
@@ -215,6 +136,12 @@ def collect_report(
     if options.quantization:
         data.quantization = timer.run(
             "quantization sweep", lambda: _sweep(model, ids, shown, options, progress)
+        )
+    if candidate is not None:
+        names = (result.model, candidate_name or type(candidate).__name__)
+        data.comparison = timer.run(
+            "candidate comparison",
+            lambda: _comparison(model, candidate, ids, shown, names, options, progress),
         )
     data.timings = timer.timings
     return data
@@ -255,7 +182,7 @@ def _impact(
     rows = table1(
         model,
         ids,
-        _shown(result),
+        shown_weights(result),
         stopwords=stopwords,
         window=options.window,
         stride=options.stride,
@@ -272,7 +199,7 @@ def _sweep(
     progress: Progress | None,
 ) -> dict[str, Any]:
     from sw_hooks.analysis.impact import perplexity
-    from sw_hooks.quant.quantize import holdout_sweep
+    from sw_hooks.quant.sweep import holdout_sweep
 
     def measure() -> float:
         return perplexity(model, ids, window=options.window, stride=options.stride)
@@ -284,24 +211,32 @@ def _sweep(
 # --------------------------------------------------------------------------- writing
 
 
-FIGURES = {
-    "spikes.png": "Max |input| and |output| of each layer's down-projection (log scale), "
-    "the paper's Figure 2. Verified super weights are marked red with their channel, "
-    "unverified candidates grey.",
-    "residual.png": "The super activation's channel, at its token, after every layer: as is, "
-    "and with the super weight zeroed.",
-    "weights.png": "|w| of the down-projection around each super weight (log colour), the "
-    "super weight boxed in red, with its value and how far it stands above the median |w| "
-    "of the window.",
-    "impact.png": "Perplexity and mean next-token probability on stopwords under the paper's "
-    "Table 1 conditions: the original model; the super weights zeroed (red); as many of the "
-    "largest other weights zeroed per matrix; the super weights zeroed with the super "
-    "activation written back.",
-    "quantization.png": "Perplexity after 1-D block round-to-nearest weight quantization against "
-    "block size, with and without the super weights held out in full precision.",
-    "history.png": "The super activation and the super weight's value over training steps, as "
-    "logged by the Lightning SuperWeightMonitor.",
-}
+def _comparison(
+    model: nn.Module,
+    candidate: nn.Module,
+    ids: torch.Tensor,
+    shown: Sequence[SuperWeight],
+    names: tuple[str, str],
+    options: ReportOptions,
+    progress: Progress | None,
+) -> dict[str, Any]:
+    from sw_hooks.outputs.compare import compare_models
+
+    comparison = compare_models(
+        model,
+        candidate,
+        ids,
+        shown,
+        names=names,
+        prompt_tokens=options.prompt_tokens,
+        window=options.window,
+        stride=options.stride,
+        progress=progress,
+    )
+    return comparison.to_dict()
+
+
+# --------------------------------------------------------------------------- writing
 
 
 def render_figures(data: ReportData) -> dict[str, Any]:
@@ -322,13 +257,23 @@ def render_figures(data: ReportData) -> dict[str, Any]:
         figures["impact.png"] = plots.impact_bars(data.impact)
     if data.quantization.get("runs"):
         figures["quantization.png"] = plots.quantization_sweep(data.quantization)
+    if data.comparison.get("layers"):
+        pairs = data.comparison["layers"]
+        figures["spike_profiles.png"] = plots.spike_profiles(
+            [pair["original"] for pair in pairs],
+            [pair["candidate"] for pair in pairs],
+            (data.comparison["original"], data.comparison["candidate"]),
+        )
     if data.history:
         figures["history.png"] = plots.monitoring_history(data.history)
     return figures
 
 
 def write_report(data: ReportData, out: str | Path) -> Path:
-    """Write ``report.md``, ``report.json`` and the figures as PNGs into ``out``.
+    """Write ``report.md`` with the figures as PNGs, ``report.html`` and ``report.json`` into ``out``.
+
+    ``report.html`` holds the same text as ``report.md`` and the PNGs themselves, so it is
+    the one file to share.
 
     Returns:
         The path of ``report.md``.
@@ -337,110 +282,17 @@ def write_report(data: ReportData, out: str | Path) -> Path:
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    figures = render_figures(data)
-    for name, figure in figures.items():
-        save_figure(figure, out / name)
+    images = {}
+    for name, figure in render_figures(data).items():
+        images[name] = save_figure(figure, out / name).read_bytes()
     (out / "report.json").write_text(json.dumps(data.to_dict(), indent=2) + "\n")
+    blocks = report_blocks(data, list(images))
+    (out / "report.html").write_text(render_html(blocks, images), encoding="utf-8")
     path = out / "report.md"
-    path.write_text(markdown(data, list(figures)))
+    path.write_text(render_markdown(blocks), encoding="utf-8")
     return path
 
 
 def markdown(data: ReportData, figures: Sequence[str]) -> str:
     """The report's Markdown: tables of the numbers and the figures with what each shows."""
-    result = data.result
-    lines = [f"# Super weights of {data.model}", ""]
-    prompt = min(data.tokens, int(data.options.get("prompt_tokens", data.tokens)))
-    lines += [
-        f"{data.tokens} tokens of text: detection records spikes on the first {prompt}; "
-        "perplexity is measured on all of them.",
-        "",
-    ]
-    lines += _weights_table(result)
-    if "spikes.png" in figures:
-        lines += _figure("spikes.png")
-    if "residual.png" in figures:
-        lines += _figure("residual.png")
-        lines += _trace_table(data)
-    if "weights.png" in figures:
-        lines += _figure("weights.png")
-    if data.impact:
-        lines += _figure("impact.png") + _impact_table(data.impact)
-    if data.quantization.get("runs"):
-        lines += _figure("quantization.png") + _quantization_table(data.quantization)
-    if "history.png" in figures:
-        lines += _figure("history.png")
-    if data.timings:
-        total = sum(data.timings.values())
-        stages = ", ".join(f"{k} {v:.1f} s" for k, v in data.timings.items())
-        lines += [f"Measured in {total:.0f} s ({stages}).", ""]
-    return "\n".join(lines)
-
-
-def _figure(name: str) -> list[str]:
-    return [f"![{name[:-4]}]({name})", "", FIGURES[name], ""]
-
-
-def _weights_table(result: DetectionResult) -> list[str]:
-    lines = [
-        f"Baseline perplexity {result.baseline_perplexity:.2f}."
-        if result.baseline_perplexity
-        else "",
-        "",
-        "| layer | module | [row, col] | weight | input act. | output act. | token | impact | verdict |",
-        "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
-    ]
-    for w in result.super_weights:
-        impact = f"x{w.impact:.2f}" if w.impact is not None else "-"
-        lines.append(
-            f"| {w.layer} | `{w.module}` | [{w.row}, {w.col}] | {w.value:.4g} | "
-            f"{w.input_activation:.1f} | {w.output_activation:.1f} | {w.token_position} | {impact} | {w.verdict} |"
-        )
-    if not result.super_weights:
-        lines.append("| - | no spike pairs found | | | | | | | |")
-    return lines + [""]
-
-
-def _trace_table(data: ReportData) -> list[str]:
-    first = data.traces[0]
-    original, ablated = first["original"], first["ablated"]
-    layer = first["super_weight"]["layer"]
-    at = original["layers"].index(layer) if layer in original["layers"] else 0
-    return [
-        f"Channel {original['channel']} at token {original['token']}: after layer "
-        f"{original['layers'][at]} {original['magnitudes'][at]:.1f} as is, "
-        f"{ablated['magnitudes'][at]:.1f} with the super weight zeroed; after the last layer "
-        f"{original['magnitudes'][-1]:.1f} and {ablated['magnitudes'][-1]:.1f}.",
-        "",
-    ]
-
-
-def _impact_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    lines = [
-        "| condition | perplexity | ratio | KL | top-1 agreement | stopword probability | weights changed |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for r in rows:
-        stop = f"{r['stopword_mass']:.3f}" if r["stopword_mass"] is not None else "-"
-        lines.append(
-            f"| {r['condition']} | {r['perplexity']:.2f} | x{r['ratio']:.2f} | {r['kl_divergence']:.3f} | "
-            f"{r['top1_agreement']:.3f} | {stop} | {r['weights_changed']} |"
-        )
-    return lines + [""]
-
-
-def _quantization_table(sweep: Mapping[str, Any]) -> list[str]:
-    lines = [
-        f"Unquantized perplexity {sweep['baseline_perplexity']:.2f}.",
-        "",
-        "| bits | block | clip | no holdout | super weights held out |",
-        "| ---: | ---: | --- | ---: | ---: |",
-    ]
-    pairs: dict[tuple[int, int, str], dict[bool, float]] = {}
-    for r in sweep["runs"]:
-        pairs.setdefault((r["bits"], r["block_size"], r["clip"]), {})[r["holdout"]] = r[
-            "perplexity"
-        ]
-    for (bits, size, clip), value in pairs.items():
-        lines.append(f"| {bits} | {size} | {clip} | {value[False]:.2f} | {value[True]:.2f} |")
-    return lines + [""]
+    return render_markdown(report_blocks(data, figures))

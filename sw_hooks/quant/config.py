@@ -229,6 +229,16 @@ class QuantConfig:
         return ", ".join([*parts, f"clip {self.clip or 'none'}"])
 
 
+def require_config(config: object) -> QuantConfig:
+    """``config`` itself, or a clear ``TypeError`` unless it is a :class:`QuantConfig`."""
+    if not isinstance(config, QuantConfig):
+        raise TypeError(
+            f"config must be a QuantConfig (e.g. QuantConfig(bits=4, block_size=64)), "
+            f"got {type(config).__name__}"
+        )
+    return config
+
+
 def quant_grid(
     bits: Iterable[int],
     block_sizes: Iterable[BlockSize],

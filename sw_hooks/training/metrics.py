@@ -16,6 +16,7 @@ rank computes the same locations.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import fields
 from typing import Any
 
 import torch
@@ -23,11 +24,14 @@ from torch import nn
 from torchmetrics import Metric
 
 from sw_hooks.core.access import oriented_shape
+from sw_hooks.core.experts import ExpertsModule
 from sw_hooks.core.locate import find_down_projections
 from sw_hooks.core.record import (
     ChannelMaxima,
     ChannelStats,
+    ExpertStats,
     Recorder,
+    select_units,
     stats_from_state_dict,
     stats_to_state_dict,
 )
@@ -109,8 +113,14 @@ class ChannelMax(Metric):
     recorded), so a cross-rank reduction runs on the data's device (CUDA tensors for NCCL)
     whatever device the metric was made on.
 
+    Experts modules (``experts={name: number of experts}``) are reduced the same way: their
+    ``[experts, C]`` maxima are flattened into the states, and their routing counts summed;
+    :meth:`compute_stats` gives them back as :class:`~sw_hooks.core.record.ExpertStats`.
+
     Args:
-        channels: ``{module_name: (in_channels, out_channels)}``; see :meth:`for_model`.
+        channels: ``{module_name: (in_channels, out_channels)}``; see :meth:`for_model`. For
+            an experts module, one expert's channels.
+        experts: ``{experts module name: number of experts}`` for the names that are experts.
         kwargs: passed to :class:`torchmetrics.Metric` (``process_group``, ``sync_on_compute``...).
 
     Example:
@@ -129,35 +139,63 @@ class ChannelMax(Metric):
     higher_is_better = None
     full_state_update = False
 
-    def __init__(self, channels: Mapping[str, tuple[int, int]], **kwargs: Any) -> None:
+    def __init__(
+        self,
+        channels: Mapping[str, tuple[int, int]],
+        *,
+        experts: Mapping[str, int] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         if not channels:
             raise ValueError("ChannelMax needs at least one module")
         self.module_names: tuple[str, ...] = tuple(channels)
-        for index, sizes in enumerate(channels.values()):
+        self.experts: dict[str, int] = dict(experts or {})
+        for index, (name, sizes) in enumerate(channels.items()):
+            count = self.experts.get(name, 1)
             for side, size in zip(_SIDES, sizes, strict=True):
-                self.add_state(f"{side}_abs_max_{index}", torch.zeros(size), "max")
-                self.add_state(f"{side}_where_{index}", empty_where(size), keep_largest)
+                self.add_state(f"{side}_abs_max_{index}", torch.zeros(count * size), "max")
+                self.add_state(f"{side}_where_{index}", empty_where(count * size), keep_largest)
             self.add_state(f"calls_{index}", torch.tensor(0), "sum")
+            if name in self.experts:
+                self.add_state(f"tokens_{index}", torch.zeros(count, dtype=torch.long), "sum")
         self._holds_data = False
 
     @classmethod
     def for_model(cls, model: nn.Module, pattern: Any = None, **kwargs: Any) -> ChannelMax:
-        """A metric sized for the model's down-projections (``pattern`` as in ``find_down_projections``)."""
-        return cls(module_channels(model, find_down_projections(model, pattern)), **kwargs)
+        """A metric sized for what :func:`~sw_hooks.core.record.record` records in ``model``
+        (``pattern`` as its ``modules``): the down-projections and the experts."""
+        return cls.for_units(model, *select_units(model, pattern, None), **kwargs)
 
-    def update(self, stats: Mapping[str, ChannelStats] | Recorder) -> None:
+    @classmethod
+    def for_units(
+        cls,
+        model: nn.Module,
+        modules: Mapping[str, nn.Module],
+        experts: Mapping[str, ExpertsModule],
+        **kwargs: Any,
+    ) -> ChannelMax:
+        """A metric sized for these dense modules and experts modules."""
+        channels = module_channels(model, modules)
+        channels |= {name: unit.channels() for name, unit in experts.items()}
+        counts = {name: unit.num_experts for name, unit in experts.items()}
+        return cls(channels, experts=counts, **kwargs)
+
+    def update(self, stats: Mapping[str, ChannelStats | ExpertStats] | Recorder) -> None:
         """Fold recorder stats in (elementwise max); unknown module names raise."""
-        incoming = stats.stats if isinstance(stats, Recorder) else stats
+        incoming = stats.all_stats if isinstance(stats, Recorder) else stats
         if not self._holds_data:
             self._move_to_data(incoming)
             self._holds_data = bool(incoming)
         for name, module_stats in incoming.items():
             index = self._index(name)
             for side in _SIDES:
-                self._fold(f"{side}_{{}}_{index}", getattr(module_stats, side))
+                self._fold(f"{side}_{{}}_{index}", _flat(getattr(module_stats, side)))
             calls = getattr(self, f"calls_{index}")
             setattr(self, f"calls_{index}", calls + module_stats.calls)
+            if isinstance(module_stats, ExpertStats):
+                tokens = getattr(self, f"tokens_{index}")
+                setattr(self, f"tokens_{index}", tokens + module_stats.tokens.to(tokens.device))
 
     def reset(self) -> None:
         """Back to the empty state; the next update's stats choose the device again."""
@@ -172,16 +210,22 @@ class ChannelMax(Metric):
         """
         return stats_to_state_dict(self._stats())
 
-    def compute_stats(self) -> dict[str, ChannelStats]:
+    def compute_stats(self) -> dict[str, ChannelStats | ExpertStats]:
         """``{module: ChannelStats}`` over every rank; modules never recorded are left out."""
         return stats_from_state_dict(self.compute())
 
-    def _stats(self) -> dict[str, ChannelStats]:
-        result = {}
+    def _stats(self) -> dict[str, ChannelStats | ExpertStats]:
+        result: dict[str, ChannelStats | ExpertStats] = {}
         for index, name in enumerate(self.module_names):
             calls = int(getattr(self, f"calls_{index}"))
-            if calls:
-                sides = [self._maxima(side, index) for side in _SIDES]
+            if not calls:
+                continue
+            sides = [self._maxima(side, index) for side in _SIDES]
+            if name in self.experts:
+                count = self.experts[name]
+                stacked = [_stacked(maxima, count) for maxima in sides]
+                result[name] = ExpertStats(*stacked, getattr(self, f"tokens_{index}").cpu(), calls)
+            else:
                 result[name] = ChannelStats(*sides, calls)
         return result
 
@@ -212,3 +256,19 @@ class ChannelMax(Metric):
         located = where_to_maxima(where)
         abs_max = getattr(self, f"{side}_abs_max_{index}").float()
         return ChannelMaxima(abs_max, located.value, located.token, located.batch)
+
+
+def _flat(maxima: ChannelMaxima | None) -> ChannelMaxima | None:
+    """An experts module's ``[experts, C]`` maxima as one ``[experts * C]`` row (dense: as is)."""
+    if maxima is None or maxima.abs_max.dim() == 1:
+        return maxima
+    return ChannelMaxima(*(getattr(maxima, f.name).reshape(-1) for f in fields(ChannelMaxima)))
+
+
+def _stacked(maxima: ChannelMaxima | None, experts: int) -> ChannelMaxima | None:
+    """Inverse of :func:`_flat`."""
+    if maxima is None:
+        return None
+    return ChannelMaxima(
+        *(getattr(maxima, f.name).reshape(experts, -1) for f in fields(ChannelMaxima))
+    )

@@ -36,10 +36,13 @@ from sw_hooks.core.access import Coordinate, CoordinateLike, WeightElement
 from sw_hooks.core.locate import layer_index
 from sw_hooks.core.record import ChannelStats
 from sw_hooks.core.results import SuperWeight
+from sw_hooks.core.units import Unit
 
 EVENT_KINDS = ("found", "appeared", "collapsed", "drifted", "recovered")
 WARNING_KINDS = ("appeared", "collapsed", "drifted")
 ValueReader = Callable[[nn.Module, Coordinate], float]
+Recording = Mapping[str, ChannelStats] | Mapping[Unit, ChannelStats]
+"""One recording: ``{Unit: ChannelStats}`` (or ``{dense module name: ChannelStats}``)."""
 Warn = Callable[[str], None]
 
 
@@ -57,14 +60,16 @@ class WeightEvent:
     reference_value: float
     reference_activation: float
     stage: str = "train"
+    expert: int | None = None
 
     @property
     def tag(self) -> str:
-        return weight_tag(self.module, self.row, self.col)
+        return weight_tag(self.module, self.row, self.col, self.expert)
 
     def describe(self) -> str:
+        inside = f" (expert {self.expert})" if self.expert is not None else ""
         return (
-            f"super weight {self.module}[{self.row}, {self.col}] {self.kind} at {self.stage} "
+            f"super weight {self.module}[{self.row}, {self.col}]{inside} {self.kind} at {self.stage} "
             f"step {self.step}: value {self.value:.4g} (was {self.reference_value:.4g}), "
             f"super activation {self.activation:.4g} (was {self.reference_activation:.4g})"
         )
@@ -73,15 +78,34 @@ class WeightEvent:
         return asdict(self)
 
 
-def weight_tag(module: str, row: int, col: int) -> str:
-    """A stable, logger-safe name for one weight: ``layer_<L>.row_<r>.col_<c>``."""
-    return f"{module_tag(module)}.row_{row}.col_{col}"
+def weight_tag(module: str, row: int, col: int, expert: int | None = None) -> str:
+    """A stable, logger-safe name for one weight: ``layer_<L>.row_<r>.col_<c>``, with
+    ``.expert_<e>`` after the layer for a weight inside an expert."""
+    base = module_tag(module)
+    if expert is not None:
+        base = f"{base.removesuffix('.experts')}.expert_{expert}"
+    return f"{base}.row_{row}.col_{col}"
 
 
 def module_tag(module: str) -> str:
-    """``layer_<L>`` for a module with a layer index, else its name with dots as underscores."""
+    """``layer_<L>`` for a module with a layer index, else its name with dots as underscores.
+
+    An experts module's down-projection is ``layer_<L>.experts``, next to a dense (shared
+    expert) down-projection of the same layer.
+    """
     index = layer_index(module)
-    return f"layer_{index}" if index is not None else re.sub(r"[^\w]", "_", module)
+    if index is None:
+        return re.sub(r"[^\w]", "_", module)
+    return f"layer_{index}.experts" if ".experts." in f"{module}." else f"layer_{index}"
+
+
+def as_units(stats: Mapping[Any, ChannelStats]) -> dict[Unit, ChannelStats]:
+    """A recording keyed by :class:`Unit` (plain module names are dense units)."""
+    return {Unit.of(key): value for key, value in stats.items()}
+
+
+def unit_of(coordinate: Coordinate) -> Unit:
+    return Unit(coordinate.module, coordinate.expert)
 
 
 def read_weight(model: nn.Module, coordinate: Coordinate) -> float:
@@ -159,13 +183,14 @@ class SpikeTracker:
     def update(
         self,
         model: nn.Module,
-        stats: Mapping[str, ChannelStats],
+        stats: Recording,
         *,
         step: int,
         stage: str = "train",
         read_value: ValueReader = read_weight,
     ) -> list[WeightEvent]:
         """Fold in one recording; return (and keep) the events it caused."""
+        stats = as_units(stats)
         new = self._new_spikes(model, stats, step, stage)
         changed = self._check_known(model, stats, step, stage, read_value)
         self.recordings += 1
@@ -175,14 +200,15 @@ class SpikeTracker:
     def current(
         self,
         model: nn.Module,
-        stats: Mapping[str, ChannelStats],
+        stats: Recording,
         read_value: ValueReader = read_weight,
     ) -> dict[Coordinate, tuple[float, float]]:
         """``{coordinate: (value, super activation)}`` of every known weight recorded in ``stats``."""
+        stats = as_units(stats)
         return {
             coordinate: (read_value(model, coordinate), _activation(stats, coordinate))
             for coordinate in self._tracked
-            if coordinate.module in stats
+            if unit_of(coordinate) in stats
         }
 
     def _new_spikes(self, model, stats, step: int, stage: str) -> list[WeightEvent]:
@@ -201,8 +227,8 @@ class SpikeTracker:
     def _check_known(self, model, stats, step: int, stage: str, read_value) -> list[WeightEvent]:
         events = []
         for coordinate, tracked in self._tracked.items():
-            if coordinate.module not in stats:
-                continue  # not recorded this time: no evidence either way
+            if unit_of(coordinate) not in stats:
+                continue  # not recorded (or the expert not routed) this time: no evidence
             value, activation = read_value(model, coordinate), _activation(stats, coordinate)
             if tracked.reference_activation is None:
                 tracked.reference_activation = activation
@@ -242,6 +268,7 @@ class SpikeTracker:
             reference_value=float(tracked.weight.value),
             reference_activation=float(tracked.reference_activation or 0.0),
             stage=stage,
+            expert=weight.expert,
         )
 
     # -- checkpoints ----------------------------------------------------------------------
@@ -276,19 +303,21 @@ class SpikeTracker:
 def as_super_weight(weight: CoordinateLike) -> SuperWeight:
     """A :class:`SuperWeight` from any coordinate (a bare one gets its value later)."""
     coordinate = Coordinate.of(weight)
-    if coordinate.expert is not None:
-        raise ValueError(
-            f"{coordinate.as_tuple()!r} is inside an expert: the training monitor tracks dense "
-            "down-projections only; record experts with sw_hooks.core.moe.record_experts"
-        )
     if isinstance(weight, SuperWeight):
         return weight
     module, row, col = coordinate.module, coordinate.row, coordinate.col
-    return SuperWeight(module=module, layer=layer_index(module), row=row, col=col, value=0.0)
+    return SuperWeight(
+        module=module,
+        layer=layer_index(module),
+        row=row,
+        col=col,
+        value=0.0,
+        expert=coordinate.expert,
+    )
 
 
-def _activation(stats: Mapping[str, ChannelStats], coordinate: Coordinate) -> float:
-    output = stats[coordinate.module].output
+def _activation(stats: Mapping[Unit, ChannelStats], coordinate: Coordinate) -> float:
+    output = stats[unit_of(coordinate)].output
     return float(output.abs_max[coordinate.row]) if output is not None else 0.0
 
 
@@ -342,7 +371,7 @@ class NonFiniteActivation:
         )
 
 
-def find_nonfinite(stats: Mapping[str, ChannelStats]) -> NonFiniteActivation | None:
+def find_nonfinite(stats: Recording) -> NonFiniteActivation | None:
     """The first module, side and channel whose maximum is NaN or infinite, if any.
 
     One device-to-host read when everything is finite (the usual case).
@@ -354,7 +383,7 @@ def find_nonfinite(stats: Mapping[str, ChannelStats]) -> NonFiniteActivation | N
         NonFiniteActivation(module='mlp', side='output', channel=1, value=inf)
     """
     sides = [
-        (name, side, maxima)
+        (str(name), side, maxima)
         for name, module_stats in stats.items()
         for side in ("input", "output")
         if (maxima := getattr(module_stats, side)) is not None
@@ -399,7 +428,7 @@ class NonFiniteSteps:
         self._warn = warn
         self._warned = False
 
-    def admit(self, stats: Mapping[str, ChannelStats], *, step: int, stage: str) -> bool:
+    def admit(self, stats: Recording, *, step: int, stage: str) -> bool:
         """``True`` when ``stats`` are finite; otherwise count and skip them (or raise)."""
         found = find_nonfinite(stats)
         if found is None:
@@ -431,7 +460,7 @@ class Decision:
 def fold_recording(
     tracker: SpikeTracker,
     model: nn.Module,
-    stats: Mapping[str, ChannelStats],
+    stats: Recording,
     nonfinite: NonFiniteSteps,
     *,
     step: int,
@@ -442,8 +471,9 @@ def fold_recording(
 
     The step every monitor takes per recording, so they all decide alike. A skipped
     recording causes no events and logs only the totals (``super_weights``, event counts,
-    ``nonfinite_steps``).
+    ``nonfinite_steps``). ``stats`` is keyed by unit (or by dense module name).
     """
+    stats = as_units(stats)
     if not nonfinite.admit(stats, step=step, stage=stage):
         values = metric_values(
             {}, tracker, {}, stage=stage, prefix=prefix, nonfinite_steps=nonfinite.count
@@ -459,7 +489,7 @@ def fold_recording(
 
 
 def metric_values(
-    stats: Mapping[str, ChannelStats],
+    stats: Recording,
     tracker: SpikeTracker,
     current: Mapping[Coordinate, tuple[float, float]],
     events: Iterable[WeightEvent] = (),
@@ -482,13 +512,15 @@ def metric_values(
     """
     base = f"{prefix}/{stage}"
     values: dict[str, float] = {}
-    for name, module_stats in stats.items():
+    for key, unit_stats in stats.items():
+        tag = module_tag(Unit.of(key).module)  # an experts module logs its loudest expert
         for side in ("input", "output"):
-            maxima = getattr(module_stats, side)
+            maxima = getattr(unit_stats, side)
             if maxima is not None:
-                values[f"{base}/{module_tag(name)}/{side}_max"] = float(maxima.abs_max.max())
+                name = f"{base}/{tag}/{side}_max"
+                values[name] = max(values.get(name, 0.0), float(maxima.abs_max.max()))
     for coordinate, (value, activation) in current.items():
-        tag = weight_tag(coordinate.module, coordinate.row, coordinate.col)
+        tag = weight_tag(coordinate.module, coordinate.row, coordinate.col, coordinate.expert)
         values[f"{base}/{tag}/value"] = float(value)
         values[f"{base}/{tag}/activation"] = float(activation)
     values[f"{base}/super_weights"] = float(len(tracker.super_weights))

@@ -21,10 +21,12 @@ import torch
 from torch import nn
 
 from sw_hooks.core.access import CoordinateLike
-from sw_hooks.core.locate import find_down_projections
-from sw_hooks.core.record import LOCATED_CHANNELS, ChannelStats, Locations, Recorder
+from sw_hooks.core.experts import ExpertsModule
+from sw_hooks.core.maxima import ExpertStats
+from sw_hooks.core.record import LOCATED_CHANNELS, ChannelStats, Locations, Recorder, select_units
 from sw_hooks.core.results import SuperWeight
-from sw_hooks.training.metrics import ChannelMax, module_channels
+from sw_hooks.core.units import Unit
+from sw_hooks.training.metrics import ChannelMax
 from sw_hooks.training.monitor import (
     Decision,
     NonFiniteSteps,
@@ -110,13 +112,14 @@ class MonitorSession:
         )
         self.nonfinite = NonFiniteSteps(strict=strict, warn=warn, prefix=prefix)
         self.last_values: dict[str, float] = {}
-        self.last_stats: dict[str, ChannelStats] = {}
+        self.last_stats: dict[str, ChannelStats | ExpertStats] = {}
         self.step = 0
         self._pattern = pattern
         self._reduce_across = reduce_across_processes
         self._process_group = process_group
         self._model: nn.Module | None = None
         self._modules: dict[str, nn.Module] = {}
+        self._experts: dict[str, ExpertsModule] = {}
         self._metric: ChannelMax | None = None
         self._recorder: Recorder | None = None
         if model is not None:
@@ -162,11 +165,11 @@ class MonitorSession:
         keeping the history.
         """
         self.stop()
-        modules = find_down_projections(model, self._pattern)
+        modules, experts = select_units(model, self._pattern, None)
         self.tracker.qualify(model)
-        self._model, self._modules = model, modules
+        self._model, self._modules, self._experts = model, modules, experts
         # The metric moves to the recorded activations' device at its first update.
-        self._metric = self._make_metric(model, modules) if self._reduce_across else None
+        self._metric = self._make_metric(model) if self._reduce_across else None
         return self
 
     def due(self, step: int) -> bool:
@@ -177,15 +180,17 @@ class MonitorSession:
         """Attach a recorder if ``step`` is due (or ``always``); ``True`` while recording."""
         model = self._bound_model()
         if self._recorder is None and (always or self.due(step)):
-            self._recorder = Recorder(model, self._modules, locations=self.locations)
+            self._recorder = Recorder(
+                model, self._modules, experts=self._experts, locations=self.locations
+            )
             self.step = step
         return self._recorder is not None
 
-    def stop(self) -> dict[str, ChannelStats]:
+    def stop(self) -> dict[str, ChannelStats | ExpertStats]:
         """Remove the recorder (safe when none is attached); return what it recorded."""
         if self._recorder is None:
             return {}
-        stats = self._recorder.stats
+        stats = self._recorder.all_stats
         self._recorder.remove()
         self._recorder.reset()
         self._recorder = None
@@ -210,16 +215,17 @@ class MonitorSession:
         """
         if self._recorder is None:
             return None
-        stats = self._recorder.stats
+        stats = self._recorder.all_stats
         self._recorder.reset()
         return self.decide(stats, stage=stage, step=step)
 
     def decide(
-        self, stats: Mapping[str, ChannelStats], *, stage: str, step: int
+        self, stats: Mapping[str, ChannelStats | ExpertStats], *, stage: str, step: int
     ) -> Decision | None:
         """Reduce ``stats`` across processes (if asked), then fold them into the tracker.
 
-        ``None`` when no process recorded anything.
+        ``None`` when no process recorded anything. Experts are reduced as a whole
+        (``[experts, C]`` maxima and routing counts), then read one routed expert a unit.
         """
         reduced = self._reduce(stats)
         if not reduced:
@@ -227,7 +233,7 @@ class MonitorSession:
         decided = fold_recording(
             self.tracker,
             self._bound_model(),
-            reduced,
+            self._units(reduced),
             self.nonfinite,
             step=step,
             stage=stage,
@@ -264,14 +270,27 @@ class MonitorSession:
             raise RuntimeError("MonitorSession has no model: call bind(model) first")
         return self._model
 
-    def _make_metric(self, model: nn.Module, modules: Mapping[str, nn.Module]) -> ChannelMax:
-        return ChannelMax(
-            module_channels(model, modules),
+    def _make_metric(self, model: nn.Module) -> ChannelMax:
+        return ChannelMax.for_units(
+            model,
+            self._modules,
+            self._experts,
             sync_on_compute=True,
             process_group=self._process_group,
         )
 
-    def _reduce(self, stats: Mapping[str, ChannelStats]) -> dict[str, ChannelStats]:
+    def _units(self, stats: Mapping[str, ChannelStats | ExpertStats]) -> dict[Unit, ChannelStats]:
+        units: dict[Unit, ChannelStats] = {}
+        for name, recorded in stats.items():
+            if isinstance(recorded, ExpertStats):
+                units |= self._experts[name].routed_units(recorded)
+            else:
+                units[Unit(name)] = recorded
+        return units
+
+    def _reduce(
+        self, stats: Mapping[str, ChannelStats | ExpertStats]
+    ) -> dict[str, ChannelStats | ExpertStats]:
         """Max over every process (a no-op on one), so all of them decide alike."""
         if self._metric is None:
             return dict(stats)

@@ -27,7 +27,7 @@ from sw_hooks.testing import byte_tokenizer
 pytestmark = pytest.mark.slow
 
 NEVER_LOADED = "/nonexistent/sw-hooks-model-never-loaded.gguf"
-SUBCOMMANDS = ("detect", "quantize", "report")
+SUBCOMMANDS = ("detect", "quantize", "report", "compare", "export", "quantizer-config")
 TIMEOUT_S = 240
 
 # (argv, the text the one stderr line must contain). {tmp}: the test's tmp_path (holding only
@@ -146,15 +146,173 @@ ROWS: list[tuple[list[str], str]] = [
     # errors the library raises after loading: a model without MLP down-projections
     (
         ["detect", "{inputs}/no-down-projection", "--json", "{tmp}/out.json", "--quiet"],
-        "no MLP down-projection of a known architecture in GPTJForCausalLM",
+        "no MLP down-projection of a known architecture in MambaForCausalLM",
     ),
     (
         ["quantize", "{inputs}/no-down-projection", "--json", "{tmp}/out.json", "--quiet"],
-        "no MLP down-projection of a known architecture in GPTJForCausalLM",
+        "no MLP down-projection of a known architecture in MambaForCausalLM",
     ),
     (
         ["report", "{inputs}/no-down-projection", "--out", "{tmp}/report", "--quiet"],
-        "no MLP down-projection of a known architecture in GPTJForCausalLM",
+        "no MLP down-projection of a known architecture in MambaForCausalLM",
+    ),
+    # report --candidate: looked at before either model loads
+    (
+        ["report", "{never}", "--out", "{tmp}/report", "--candidate", "{inputs}/missing.gguf"],
+        "--candidate: no such GGUF file: {inputs}/missing.gguf",
+    ),
+    (
+        ["report", "{never}", "--out", "{tmp}/report", "--candidate", "{inputs}/pickle-only"],
+        "--candidate: {inputs}/pickle-only holds only pickle weights",
+    ),
+    # compare
+    (["compare", "{never}"], "the following arguments are required: candidate"),
+    (
+        ["compare", "{never}", "{never}", "--fail-if-lost", "1.5"],
+        "--fail-if-lost takes a fraction in (0, 1], got 1.5",
+    ),
+    (
+        ["compare", "{never}", "{never}", "--fail-if-lost", "half"],
+        "argument --fail-if-lost: invalid float value: 'half'",
+    ),
+    (["compare", "{never}", "{never}", "--max-tokens", "1"], "--max-tokens must be at least 2"),
+    (
+        ["compare", "{never}", "{never}", "--json", "{tmp}/missing/out.json"],
+        "folder {tmp}/missing does not exist",
+    ),
+    (
+        ["compare", "{never}", "{never}", "--json", "{tmp}/a-folder"],
+        "--json {tmp}/a-folder is a folder",
+    ),
+    (
+        ["compare", "{never}", "{never}", "--super-weights", "{inputs}/broken.json"],
+        "cannot read {inputs}/broken.json",
+    ),
+    (
+        ["compare", "{never}", "{never}", "--text", "{inputs}/missing.txt"],
+        "no such text file: {inputs}/missing.txt",
+    ),
+    (
+        ["compare", "{inputs}/no-down-projection", "{inputs}/missing.gguf"],
+        "no such GGUF file: {inputs}/missing.gguf",
+    ),
+    (
+        ["compare", "{inputs}/no-down-projection", "{inputs}/no-down-projection", "--quiet"],
+        "no MLP down-projection of a known architecture in MambaForCausalLM",
+    ),
+    # export
+    (["export", "{never}"], "the following arguments are required: --gguf"),
+    (
+        ["export", "{never}", "--gguf", "{tmp}/out.gguf", "--type", "Q3_K"],
+        "unknown GGUF type 'Q3_K'; choose one of Q4_0",
+    ),
+    (
+        ["export", "{never}", "--gguf", "{tmp}/out.gguf", "--keep", "f32"],
+        "--keep must be f16, q8_0 or none, got 'f32'",
+    ),
+    (
+        ["export", "{never}", "--gguf", "{tmp}/missing/out.gguf"],
+        "folder {tmp}/missing does not exist",
+    ),
+    (["export", "{never}", "--gguf", "{tmp}/a-folder"], "--gguf {tmp}/a-folder is a folder"),
+    (
+        ["export", "{never}", "--gguf", "{tmp}/out.gguf", "--manifest", "{tmp}/a-file/sw.json"],
+        "{tmp}/a-file is not a folder",
+    ),
+    (
+        [
+            "export",
+            "{never}",
+            "--gguf",
+            "{tmp}/out.gguf",
+            "--super-weights",
+            "{inputs}/broken.json",
+        ],
+        "cannot read {inputs}/broken.json",
+    ),
+    (
+        ["export", "{never}", "--gguf", "{tmp}/out.gguf", "--max-tokens", "1"],
+        "--max-tokens must be at least 2, got 1",
+    ),
+    (
+        ["export", "{never}", "--gguf", "{tmp}/out.gguf", "--text", "{inputs}/blank.txt"],
+        "text file {inputs}/blank.txt is empty",
+    ),
+    (["export", "{inputs}/missing.gguf", "--gguf", "{tmp}/out.gguf"], "no such GGUF file"),
+    (["export", "{inputs}/fake.gguf", "--gguf", "{tmp}/out.gguf"], "is not a GGUF file"),
+    (
+        ["export", "{inputs}/no-down-projection", "--gguf", "{tmp}/out.gguf"],
+        "reads GGUF only: convert the checkpoint with llama.cpp",
+    ),
+    # quantizer-config: options are refused before the result is read, the result before
+    # the --model loads
+    (["quantizer-config"], "the following arguments are required: result, --tool"),
+    (
+        ["quantizer-config", "{inputs}/missing.json", "--tool", "awq"],
+        "argument --tool: invalid choice: 'awq'",
+    ),
+    (
+        ["quantizer-config", "{inputs}/missing.json", "--tool", "llama.cpp"],
+        "--tool llama.cpp names GGUF tensors: give --arch or --model",
+    ),
+    (
+        ["quantizer-config", "{inputs}/missing.json", "--tool", "llama.cpp", "--arch", "made_up"],
+        "gguf does not map the architecture 'made_up' to GGUF tensor names",
+    ),
+    (
+        [
+            "quantizer-config",
+            "{inputs}/missing.json",
+            "--tool",
+            "llama.cpp",
+            "--model",
+            "{never}",
+            "--tensor-type",
+            "f17",
+        ],
+        "unknown GGML type 'f17'",
+    ),
+    (
+        [
+            "quantizer-config",
+            "{inputs}/missing.json",
+            "--tool",
+            "torchao",
+            "--torchao-config",
+            "x+y",
+        ],
+        "config must be a torchao config call such as 'Int8WeightOnlyConfig()', got 'x+y'",
+    ),
+    (
+        ["quantizer-config", "{inputs}/missing.json", "--tool", "hf", "--method", "gguf"],
+        "argument --method: invalid choice: 'gguf'",
+    ),
+    (
+        ["quantizer-config", "{inputs}/missing.json", "--tool", "hf", "--gguf", "model.gguf"],
+        "--gguf names a file inside a --model folder",
+    ),
+    (
+        [
+            "quantizer-config",
+            "{inputs}/missing.json",
+            "--tool",
+            "hf",
+            "-o",
+            "{tmp}/missing/out.json",
+        ],
+        "folder {tmp}/missing does not exist",
+    ),
+    (
+        ["quantizer-config", "{inputs}/missing.json", "--tool", "hf", "-o", "{tmp}/a-folder"],
+        "-o {tmp}/a-folder is a folder",
+    ),
+    (
+        ["quantizer-config", "{inputs}/missing.json", "--tool", "gptqmodel"],
+        "cannot read {inputs}/missing.json: no such file",
+    ),
+    (
+        ["quantizer-config", "{inputs}/broken.json", "--tool", "hf", "--model", "{never}"],
+        "cannot read {inputs}/broken.json",
     ),
 ]
 
@@ -164,11 +322,11 @@ def _byte_tokenizer(directory: Path) -> None:
 
 
 def _save_without_down_projection(directory: Path) -> None:
-    """A tiny GPT-J (its MLP ends in ``mlp.fc_out``, a name no pattern knows), as safetensors."""
+    """A tiny Mamba (no MLP at all: neither a name nor the structure finds one), as safetensors."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(
-        "gptj", vocab_size=256, n_embd=64, n_layer=2, n_head=4, rotary_dim=16, n_positions=512,
+        "mamba", vocab_size=256, hidden_size=64, num_hidden_layers=2, state_size=8,
         bos_token_id=0, eos_token_id=0,
     )  # fmt: skip
     AutoModelForCausalLM.from_config(config).save_pretrained(directory)

@@ -7,7 +7,8 @@ import torch
 
 from sw_hooks.analysis.impact import perplexity
 from sw_hooks.models import calibration_text, tokenize
-from sw_hooks.quant.quantize import QuantConfig, quantize_model
+from sw_hooks.quant.config import QuantConfig
+from sw_hooks.quant.quantize import quantize_model
 
 SUPER_WEIGHT = ("model.layers.11.mlp.down_proj", 507, 1229)
 

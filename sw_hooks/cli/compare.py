@@ -1,0 +1,211 @@
+"""``sw-hooks compare ORIGINAL CANDIDATE``: did the candidate keep the original's super activations?
+
+Records both models on the same tokens and prints, per layer, the down-projections' peaks
+side by side; per super weight, its super activation in both (same channel and token) and
+the ratio; and perplexity, KL and top-1 agreement. ``--fail-if-lost`` turns a lost super
+activation into exit status 1, so a CI step can guard a release.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from sw_hooks.cli._common import (
+    CliError,
+    check_model_arguments,
+    first_line,
+    load_model_for_cli,
+    progress,
+    read_text,
+    step,
+    token_ids,
+)
+from sw_hooks.cli._paths import check_output_file, write_output
+from sw_hooks.outputs.compare import DEFAULT_LOST_FRACTION
+
+PROMPT_TOKENS = 128
+LOST_EXIT = 1
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "compare",
+        help="compare a changed copy of a model (quantized, fine-tuned) with the original",
+        description=(
+            "Record ORIGINAL and CANDIDATE on the same tokens: per layer, the down-projections' "
+            "peaks side by side; per super weight, whether its super activation survived in "
+            "CANDIDATE; perplexity of both, KL(original || candidate) and top-1 agreement."
+        ),
+    )
+    parser.add_argument("original", help="the original model: Hugging Face id, folder or .gguf")
+    parser.add_argument("candidate", help="the changed model, with the original's vocabulary")
+    parser.add_argument(
+        "--super-weights",
+        type=Path,
+        default=None,
+        help="JSON from `sw-hooks detect --json` (default: detect them on ORIGINAL)",
+    )
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="verify detected candidates by ablation and follow the verified ones only",
+    )
+    parser.add_argument(
+        "--fail-if-lost",
+        type=float,
+        nargs="?",
+        const=DEFAULT_LOST_FRACTION,
+        default=None,
+        metavar="FRACTION",
+        help="exit 1 when a super activation drops below FRACTION of the original's "
+        f"(default FRACTION: {DEFAULT_LOST_FRACTION})",
+    )
+    parser.add_argument("--json", type=Path, default=None, help="write the comparison as JSON here")
+    parser.add_argument(
+        "--text",
+        type=Path,
+        default=None,
+        help="evaluation text file (default: Python's bundled pydoc text)",
+    )
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=1024,
+        help="tokens of the text measured (default: 1024)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    parser.add_argument(
+        "--no-cache", action="store_true", help="convert GGUF models afresh instead of the cache"
+    )
+    parser.set_defaults(func=run, gguf=None)
+
+
+def _check_fraction(fraction: float | None) -> None:
+    if fraction is not None and not 0 < fraction <= 1:
+        raise CliError(f"--fail-if-lost takes a fraction in (0, 1], got {fraction}")
+
+
+def _check_models(args: argparse.Namespace) -> None:
+    """Both model paths are looked at before either loads."""
+    from sw_hooks.models import check_model_spec
+
+    for spec in (args.original, args.candidate):
+        try:
+            check_model_spec(spec)
+        except (ValueError, TypeError, OSError) as error:
+            raise CliError(first_line(error)) from None
+
+
+def _given_super_weights(path: Path | None) -> list[Any] | None:
+    if path is None:
+        return None
+    from sw_hooks.core.results import load_super_weights
+
+    try:
+        return _followed(load_super_weights(path))
+    except (OSError, ValueError) as error:
+        raise CliError(f"cannot read {path}: {error}") from None
+
+
+def _followed(weights: list[Any]) -> list[Any]:
+    """The verified super weights, else every candidate."""
+    return [w for w in weights if w.verdict == "super"] or list(weights)
+
+
+def _load(args: argparse.Namespace, spec: str) -> tuple[Any, Any, str]:
+    one = argparse.Namespace(model=spec, gguf=None, quiet=args.quiet, no_cache=args.no_cache)
+    return load_model_for_cli(one)
+
+
+def _detected(args: argparse.Namespace, model: Any, ids: Any, calibration: Any) -> list[Any]:
+    from sw_hooks.analysis.detect import run_detection
+
+    with step("detecting super weights on ORIGINAL", quiet=args.quiet):
+        result = run_detection(
+            model,
+            ids,
+            calibration=calibration,
+            verify_impact=args.verify,
+            progress=lambda line: progress(line, quiet=args.quiet),
+        )
+    return list(result.verified) if args.verify else list(result.super_weights)
+
+
+def format_comparison(comparison: Any, fraction: float) -> str:
+    """The comparison as fixed-width tables: layers, then super activations, then totals."""
+    lines = [
+        f"original: {comparison.original}; candidate: {comparison.candidate}; "
+        f"{comparison.tokens} tokens ({comparison.prompt_tokens} recorded)",
+        "",
+        f"{'layer':>5}  {'module':<34} {'max |out| original':>18} {'candidate':>12} "
+        f"{'max |in| original':>18} {'candidate':>12}",
+    ]
+    for pair in comparison.layers:
+        a, b = pair.original, pair.candidate
+        layer = a.layer if a.layer is not None else "-"
+        lines.append(
+            f"{layer:>5}  {a.module:<34} {a.output_max:>18.2f} {b.output_max:>12.2f} "
+            f"{a.input_max:>18.2f} {b.input_max:>12.2f}"
+        )
+    lines += [
+        "",
+        f"{'super weight':<44} {'token':>5} {'original':>11} {'candidate':>11} {'ratio':>7}",
+    ]
+    for s in comparison.super_activations:
+        w = s.super_weight
+        verdict = "LOST" if s.lost(fraction) else "kept"
+        lines.append(
+            f"{f'{w.module}[{w.row}, {w.col}]':<44} {s.token:>5} {s.original:>11.2f} "
+            f"{s.candidate:>11.2f} {s.ratio:>7.3f}  {verdict}"
+        )
+    if not comparison.super_activations:
+        lines.append("(no super weights to follow)")
+    lines += [
+        "",
+        f"perplexity: original {comparison.original_perplexity:.3f}, "
+        f"candidate {comparison.candidate_perplexity:.3f}",
+        f"mean KL(original || candidate): {comparison.kl_divergence:.5f} nats; "
+        f"top-1 agreement: {comparison.top1_agreement:.4f}",
+    ]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from sw_hooks.outputs.compare import compare_models
+
+    _check_fraction(args.fail_if_lost)
+    check_model_arguments(args)
+    check_output_file(args.json, "--json")
+    given = _given_super_weights(args.super_weights)
+    text = read_text(args.text)
+    _check_models(args)
+    original, tokenizer, original_name = _load(args, args.original)
+    candidate, _, candidate_name = _load(args, args.candidate)
+    ids = token_ids(tokenizer, text, args.max_tokens)
+    weights = given if given is not None else _detected(args, original, ids[:, :PROMPT_TOKENS], ids)
+    comparison = compare_models(
+        original,
+        candidate,
+        ids,
+        weights,
+        names=(original_name, candidate_name),
+        prompt_tokens=PROMPT_TOKENS,
+        progress=lambda line: progress(line, quiet=args.quiet),
+    )
+    fraction = args.fail_if_lost if args.fail_if_lost is not None else DEFAULT_LOST_FRACTION
+    print(format_comparison(comparison, fraction))
+    if args.json is not None:
+        write_output(args.json, json.dumps(comparison.to_dict(), indent=2) + "\n")
+        progress(f"wrote {args.json}", quiet=args.quiet)
+    lost = comparison.lost(fraction)
+    if args.fail_if_lost is not None and lost:
+        print(
+            f"sw-hooks compare: {len(lost)} super activation(s) below {fraction:g} of the original",
+            file=sys.stderr,
+        )
+        return LOST_EXIT
+    return 0

@@ -28,7 +28,8 @@ see that one forward.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -248,6 +249,20 @@ def _call(model: nn.Module, example: ExampleInput) -> None:
         model(*example)
 
 
+@contextmanager
+def _quiet_library_logs() -> Iterator[None]:
+    """Silence transformers' advice (slow-kernel fallbacks...) during the probe forward: it is
+    about the probe, not about anything the user runs."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
 def trace_linears(model: nn.Module, example: ExampleInput) -> _Graph:
     """Run ``model`` once on ``example`` (eval mode, no gradients) and return its data flow."""
     trace, calls = _DataflowTrace(), []
@@ -258,7 +273,7 @@ def trace_linears(model: nn.Module, example: ExampleInput) -> _Graph:
                 if name and is_linear_like(module) and not isinstance(module, nn.Embedding):
                     hooks.forward(module, _linear_hook(trace, name, calls), with_kwargs=True)
             model.eval()
-            with trace:
+            with trace, _quiet_library_logs():
                 _call(model, example)
     finally:
         for module, training in modes.items():

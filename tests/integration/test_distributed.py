@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from sw_hooks.core.record import record, stats_from_state_dict, stats_to_state_dict
-from sw_hooks.testing import planted_llama
+from sw_hooks.testing import planted_llama, planted_moe
 
 SUPER = ("model.layers.1.mlp.down_proj", 5, 17)
 DECOY = ("model.layers.3.mlp.down_proj", 9, 33)
@@ -25,9 +25,13 @@ ON_RANK_1 = ("model.layers.0.mlp.down_proj", 40, 3)  # rows 32..63 live on rank 
 SEQUENCES = 8
 
 
-def sequences() -> torch.Tensor:
-    planted = planted_llama()
-    return torch.cat([planted.calibration_ids(32, seed=i) for i in range(SEQUENCES)])
+def planted(kind: str = "dense"):
+    return planted_moe("mixtral") if kind == "moe" else planted_llama()
+
+
+def sequences(kind: str = "dense") -> torch.Tensor:
+    fixture = planted(kind)
+    return torch.cat([fixture.calibration_ids(32, seed=i) for i in range(SEQUENCES)])
 
 
 def run_script(mode: str, out: Path) -> list[dict]:
@@ -68,7 +72,36 @@ def test_ddp_monitor_reduces_maxima_like_one_process(tmp_path) -> None:
     assert ranks[0]["logged"] and not ranks[1]["logged"]  # rank zero logs alone
 
 
-def ddp_main(out: Path) -> None:
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_ddp_monitor_reduces_expert_maxima_and_routing_like_one_process(tmp_path) -> None:
+    ranks = run_script("ddp-moe", tmp_path)
+    assert ranks[0]["tracker"] == ranks[1]["tracker"]
+    found = [
+        (e["kind"], e["module"], e["expert"], e["row"], e["col"])
+        for e in ranks[0]["tracker"]["events"]
+    ]
+    assert found == [("found", "net.model.layers.1.mlp.experts.down_proj", 3, 5, 17)]
+    fixture = planted("moe")
+    with record(fixture.model, locations=True) as reference, torch.no_grad():
+        for sequence in sequences("moe"):
+            fixture.model(sequence[None])
+    for rank in ranks:
+        reduced = stats_from_state_dict(rank["val_stats"])
+        assert set(reduced) == {"net." + name for name in reference.expert_stats}
+        for name, expected in reference.expert_stats.items():
+            got = reduced["net." + name]
+            assert torch.equal(got.tokens, expected.tokens), name  # routing counts summed
+            for side in ("input", "output"):
+                mine, theirs = getattr(got, side), getattr(expected, side)
+                # The ranks run one thread, this process several: grouped matmuls may round
+                # differently in the last bits; where each maximum happened may not.
+                torch.testing.assert_close(mine.abs_max, theirs.abs_max, rtol=1e-5, atol=1e-7)
+                torch.testing.assert_close(mine.value, theirs.value, rtol=1e-5, atol=1e-7)
+                assert torch.equal(mine.token, theirs.token), (name, side)
+
+
+def ddp_main(out: Path, kind: str = "dense") -> None:
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import CSVLogger
     from torch.utils.data import DataLoader
@@ -78,7 +111,7 @@ def ddp_main(out: Path) -> None:
     class CausalLM(pl.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.net = planted_llama().model
+            self.net = planted(kind).model
 
         def training_step(self, batch, batch_idx):
             return self.net(input_ids=batch, labels=batch).loss
@@ -102,7 +135,7 @@ def ddp_main(out: Path) -> None:
         logger=CSVLogger(out, name="ddp"),
         callbacks=[monitor],
     )
-    data = sequences()
+    data = sequences(kind)
     trainer.fit(CausalLM(), DataLoader(data[:4], batch_size=1), DataLoader(data, batch_size=1))
     torch.save(
         {
@@ -247,4 +280,5 @@ def fsdp_main(out: Path) -> None:
 if __name__ == "__main__":
     mode, target = sys.argv[1], Path(sys.argv[2])
     torch.set_num_threads(1)
-    {"ddp": ddp_main, "fsdp": fsdp_main}[mode](target)
+    runs = {"ddp": ddp_main, "ddp-moe": lambda out: ddp_main(out, "moe"), "fsdp": fsdp_main}
+    runs[mode](target)

@@ -1,4 +1,5 @@
-"""The ``sw-hooks`` command: ``detect``, ``quantize`` and ``report`` subcommands.
+"""The ``sw-hooks`` command: ``detect``, ``quantize``, ``report``, ``compare``, ``export`` and
+``quantizer-config`` subcommands.
 
 Each subcommand lives in its own module with ``register(subparsers)``, checks all of its
 arguments before it loads a model, and leaves the work to the library. Every error of the

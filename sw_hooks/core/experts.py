@@ -182,12 +182,17 @@ def find_experts(
 
 
 def unhookable_experts(model: nn.Module, found: Mapping[str, ExpertsModule]) -> list[str]:
-    """Names of expert-looking modules outside (and not around) any hookable experts module."""
+    """Names of expert-looking modules outside (and not around) any hookable experts module.
+
+    A shared expert (``shared_expert``, ``shared_experts``) is a dense MLP every token goes
+    through, recorded as a dense down-projection: not an experts module.
+    """
     return [
         name
         for name, module in model.named_modules()
         if name
         and (_MOE_NAME.search(name.rsplit(".", 1)[-1]) or _MOE_CLASS.search(type(module).__name__))
+        and not name.rsplit(".", 1)[-1].startswith("shared_expert")
         and not _inside(name, found)
     ]
 

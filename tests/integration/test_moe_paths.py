@@ -79,7 +79,7 @@ def test_cli_detect_lists_the_expert_weight_and_the_super_expert(cli_model, tmp_
     assert "expert" in table.splitlines()[2] and "super experts" in table
 
 
-@pytest.mark.parametrize("cli_model", ["mixtral", "list"], indirect=True)
+@pytest.mark.parametrize("cli_model", LAYOUTS, indirect=True)
 def test_cli_report_shows_expert_weights_and_super_experts(cli_model, tmp_path, capsys):
     out = tmp_path / "report"
     argv = ["report", "--text", str(trigger_text(tmp_path / "t.txt")), "--out", str(out)]

@@ -118,13 +118,14 @@ def _from_pretrained(
     source: str, gguf_name: str | None, dtype: torch.dtype, kwargs: dict[str, Any]
 ) -> tuple[nn.Module, Any]:
     """Tokenizer and model through transformers, with every loading error made clear."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     options = {"gguf_file": gguf_name} if gguf_name else {}
     weights = options or {"use_safetensors": True}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **options)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **weights, **kwargs)
+        model_class = _model_class(source, options)
+        model = model_class.from_pretrained(source, dtype=dtype, **weights, **kwargs)
     except (OSError, ValueError, KeyError) as error:
         raise ValueError(f"could not load a model from {source!r}: {_first_line(error)}") from error
     except (struct.error, IndexError, EOFError) as error:
@@ -134,6 +135,22 @@ def _from_pretrained(
             f"{Path(source) / gguf_name} is a truncated or corrupt GGUF file: {_first_line(error)}"
         ) from error
     return model, tokenizer
+
+
+def _model_class(source: str, options: dict[str, Any]) -> Any:
+    """The class the checkpoint says it is (``config.architectures``): an encoder, a
+    classifier or a seq2seq model loads as itself; a causal LM (and every GGUF file, which
+    holds decoders) through ``AutoModelForCausalLM``."""
+    import transformers
+
+    if options:
+        return transformers.AutoModelForCausalLM
+    config = transformers.AutoConfig.from_pretrained(source)
+    for name in getattr(config, "architectures", None) or ():
+        found = getattr(transformers, name, None)
+        if found is not None and not name.endswith("ForCausalLM"):
+            return found
+    return transformers.AutoModelForCausalLM
 
 
 def _load_gguf_through_cache(

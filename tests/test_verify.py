@@ -9,13 +9,8 @@ import torch
 from torch import nn
 
 from sw_hooks.analysis.impact import perplexity
-from sw_hooks.analysis.verify import (
-    VerifySettings,
-    find_blocks,
-    kept_outputs,
-    measure_impacts,
-    replayed_prefix,
-)
+from sw_hooks.analysis.prefix import find_blocks, kept_outputs, replayed_prefix
+from sw_hooks.analysis.verify import VerifySettings, measure_impacts
 from sw_hooks.core.locate import find_down_projections
 from sw_hooks.core.masks import ablate
 from sw_hooks.core.results import SuperWeight

@@ -13,7 +13,8 @@ trustworthy:
   (``|w| * input_max >= min_contribution * output_max``);
 * every candidate's effect is **measured**: perplexity with that one weight zeroed over
   perplexity without (``impact``), and ``verdict="super"`` only when it reaches
-  ``min_impact``.
+  ``min_impact``. Models that are not causal LMs are measured with the loss that suits them
+  (:mod:`sw_hooks.analysis.losses`; ``loss_fn=`` chooses another).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from sw_hooks.analysis.candidates import (  # noqa: F401  (the detection vocabul
     spike_candidates,
     spiking_layers,
 )
+from sw_hooks.analysis.losses import Batch, Loss, LossFn, as_loss, is_causal
 from sw_hooks.analysis.options import DetectionOptions, resolve_options
 from sw_hooks.analysis.super_experts import prune_super_experts, super_expert_candidates
 from sw_hooks.analysis.verify import VerifySettings, measure_impacts
@@ -143,19 +145,21 @@ def find_candidates(
 def verify(
     model: nn.Module,
     candidates: Sequence[SuperWeight],
-    calibration: torch.Tensor,
+    calibration: Batch,
     options: DetectionOptions | None = None,
     *,
+    loss_fn: Loss | LossFn | None = None,
     progress: Progress | None = None,
-) -> tuple[list[SuperWeight], float, float | None]:
-    """Measure each candidate: perplexity with it zeroed over the baseline.
+) -> tuple[list[SuperWeight], float | None, float | None]:
+    """Measure each candidate: perplexity (or ``loss_fn``) with it zeroed over the baseline.
 
-    The measurement (prefix reuse, screening) is :func:`sw_hooks.analysis.verify.measure_impacts`.
+    The measurement (prefix reuse, screening) is :func:`sw_hooks.analysis.verify.measure_impacts`;
+    ``loss_fn`` defaults to the loss chosen for the model (:func:`~sw_hooks.analysis.losses.as_loss`).
 
-    Returns ``(candidates with impact and verdict, baseline perplexity, joint ablation ratio)``.
+    Returns ``(candidates with impact and verdict, baseline perplexity or None, joint impact)``.
     """
     measured = measure_impacts(
-        model, candidates, calibration, _settings(options), progress=progress
+        model, candidates, calibration, _settings(options), loss_fn=loss_fn, progress=progress
     )
     return measured.weights, measured.baseline_perplexity, measured.joint_ratio
 
@@ -163,9 +167,10 @@ def verify(
 def verify_super_experts(
     model: nn.Module,
     experts: Sequence[SuperExpert],
-    calibration: torch.Tensor,
+    calibration: Batch,
     options: DetectionOptions | None = None,
     *,
+    loss_fn: Loss | LossFn | None = None,
     progress: Progress | None = None,
 ) -> list[SuperExpert]:
     """Measure each flagged expert: perplexity with its routing pruned over the baseline.
@@ -178,6 +183,7 @@ def verify_super_experts(
         calibration,
         _settings(options),
         ablation=prune_super_experts,
+        loss_fn=loss_fn,
         progress=progress,
     )
     return measured.weights
@@ -198,13 +204,14 @@ def run_detection(
     model: nn.Module,
     inputs: torch.Tensor | Mapping[str, torch.Tensor],
     *,
-    calibration: torch.Tensor | None = None,
+    calibration: Batch | None = None,
     verify_impact: bool = True,
     options: DetectionOptions | None = None,
     model_name: str | None = None,
     prepend_bos: bool = False,
     modules: ModuleSelection = None,
     experts: ExpertSelection = None,
+    loss_fn: Loss | LossFn | None = None,
     progress: Progress | None = None,
     **overrides: Any,
 ) -> DetectionResult:
@@ -214,17 +221,24 @@ def run_detection(
     same steps (each routed expert is one unit); weights inside experts carry ``expert``.
 
     Args:
-        model: any causal language model whose down-projections the locator finds.
-        inputs: the prompt as token ids ``[batch, tokens]`` (or a dict of model inputs).
-        calibration: token ids for perplexity (default: the prompt's ids).
+        model: any model whose MLP output projections the locator finds.
+        inputs: the prompt as token ids ``[batch, tokens]`` (or a dict of model inputs:
+            ``pixel_values``, ``input_features``, ...).
+        calibration: what verification measures: token ids for a causal LM's perplexity
+            (default: the prompt's ids); for other losses token ids or a dict of model
+            inputs (default: ``inputs`` as given).
         verify_impact: measure each candidate's impact (else ``impact`` stays ``None``).
         options: thresholds; or pass them as keyword arguments (``min_impact=3.0``).
         model_name: a name for the result; prepend_bos: recorded with the result.
         modules, experts: which units to search, as :func:`~sw_hooks.core.record.record`
             takes them (default: every down-projection and every expert).
+        loss_fn: what verification measures (default: chosen from the model's class by
+            :func:`~sw_hooks.analysis.losses.as_loss`; a causal LM keeps its perplexity).
+            Chosen before any slow work, so an unknown model fails at once.
         progress: called with a line of text after each slow step.
     """
     options = resolve_options(options, overrides)
+    loss = as_loss(model, loss_fn) if verify_impact else None
     search = search_candidates(
         model, inputs, options, modules=modules, experts=experts, progress=progress
     )
@@ -241,6 +255,7 @@ def run_detection(
         progress=progress,
         layer_peaks=search.layer_peaks,
         super_experts=search.super_experts,
+        loss_fn=loss,
     )
 
 
@@ -250,7 +265,7 @@ def finish_detection(
     passes: int,
     inputs: torch.Tensor | Mapping[str, torch.Tensor],
     *,
-    calibration: torch.Tensor | None,
+    calibration: Batch | None,
     verify_impact: bool,
     options: DetectionOptions,
     model_name: str | None,
@@ -258,12 +273,14 @@ def finish_detection(
     progress: Progress | None = None,
     layer_peaks: Sequence[LayerPeak] = (),
     super_experts: Sequence[SuperExpert] = (),
+    loss_fn: Loss | LossFn | None = None,
 ) -> DetectionResult:
     """Order the candidates, verify them (unless told not to) and package the result.
 
     Shared by dense and mixture-of-experts detection, which differ only in how they find
     candidates. ``layer_peaks`` (the first pass's, from :func:`search_candidates`) travel
-    with the result so its readers never record the model again.
+    with the result so its readers never record the model again. A result verified with a
+    loss other than a causal LM's perplexity names it in ``options["loss"]``.
     """
     ordered = sorted(
         candidates,
@@ -275,13 +292,19 @@ def finish_detection(
         ),
     )
     baseline = joint = None
+    recorded = asdict(options)
     if verify_impact:
-        ids = calibration if calibration is not None else ids_of(inputs)
-        ordered, baseline, joint = verify(model, ordered, ids, options, progress=progress)
+        loss = as_loss(model, loss_fn)
+        batch = _verification_batch(inputs, calibration, loss)
+        ordered, baseline, joint = verify(
+            model, ordered, batch, options, loss_fn=loss, progress=progress
+        )
         if super_experts:
             super_experts = verify_super_experts(
-                model, super_experts, ids, options, progress=progress
+                model, super_experts, batch, options, loss_fn=loss, progress=progress
             )
+        if not is_causal(loss):
+            recorded["loss"] = loss.name
     return DetectionResult(
         model=model_name or type(model).__name__,
         super_weights=tuple(ordered),
@@ -289,10 +312,20 @@ def finish_detection(
         joint_ablation_ratio=joint,
         prepend_bos=prepend_bos,
         passes=passes,
-        options=asdict(options),
+        options=recorded,
         layer_peaks=tuple(layer_peaks),
         super_experts=tuple(super_experts),
     )
+
+
+def _verification_batch(
+    inputs: torch.Tensor | Mapping[str, torch.Tensor], calibration: Batch | None, loss: Loss
+) -> Batch:
+    """``calibration`` when given; else the prompt's ids for a causal LM, the inputs as
+    given for any other loss."""
+    if calibration is not None:
+        return calibration
+    return ids_of(inputs) if is_causal(loss) else inputs
 
 
 def detect(

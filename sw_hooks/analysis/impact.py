@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torchmetrics.text import Perplexity
 
+from sw_hooks.analysis.losses import Batch, Loss, LossFn, as_loss, is_causal
 from sw_hooks.analysis.magnitude import largest_weights
 from sw_hooks.core.devices import execution_device
 from sw_hooks.core.masks import ablate, restore_activation
@@ -332,11 +333,47 @@ def table1(
     return rows
 
 
+@dataclass(frozen=True)
+class LossComparison:
+    """The model with and without a mask under a loss that is not a causal LM's perplexity."""
+
+    loss: str
+    baseline: float
+    masked: float
+    impact: float
+    """The loss's own transform of the two (:mod:`sw_hooks.analysis.losses`): 1 for no change."""
+
+    def to_dict(self) -> dict[str, float | str]:
+        return asdict(self)
+
+
 def impact(
     model: nn.Module,
-    ids: torch.Tensor,
+    ids: Batch,
     super_weights: Sequence[SuperWeight],
+    *,
+    loss_fn: Loss | LossFn | None = None,
     **options: object,
-) -> Comparison:
-    """Shorthand: :func:`compare` with the given super weights ablated."""
-    return compare(model, ids, lambda: ablate(model, super_weights), **options)  # type: ignore[arg-type]
+) -> Comparison | LossComparison:
+    """Shorthand: :func:`compare` with the given super weights ablated.
+
+    ``loss_fn`` defaults to the loss chosen for the model
+    (:func:`~sw_hooks.analysis.losses.as_loss`): a causal LM gets :func:`compare`'s
+    :class:`Comparison`; any other loss a :class:`LossComparison` on ``ids`` (token ids or a
+    dict of model inputs).
+    """
+    loss = as_loss(model, loss_fn)
+    if is_causal(loss):
+        return compare(model, ids, lambda: ablate(model, super_weights), **options)  # type: ignore[arg-type]
+    return _loss_comparison(model, ids, super_weights, loss)
+
+
+@torch.no_grad()
+def _loss_comparison(
+    model: nn.Module, batch: Batch, super_weights: Sequence[SuperWeight], loss: Loss
+) -> LossComparison:
+    bound = loss.bind(model, batch)
+    baseline = float(bound(model, batch))
+    with ablate(model, super_weights):
+        masked = float(bound(model, batch))
+    return LossComparison(loss.name, baseline, masked, loss.impact(masked, baseline))

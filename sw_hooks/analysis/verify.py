@@ -22,14 +22,19 @@ cheaper in two ways:
 
 Windows are measured in order, window by window, so only one window's kept block outputs
 are in memory at a time.
+
+Models that are not causal LMs are measured with their own loss
+(:mod:`sw_hooks.analysis.losses`): the loss on the unablated model, then with each candidate
+removed, on the same batch (token ids longer than ``window`` are cut into chunks of
+``window`` tokens), with full forwards and no screening.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -37,13 +42,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sw_hooks.analysis.impact import IGNORE_INDEX, _check_ids, _logits, _window_batches
-from sw_hooks.core.devices import execution_device
-from sw_hooks.core.hooks import HookSet
+from sw_hooks.analysis.impact import IGNORE_INDEX, _check_ids, _window_batches
+from sw_hooks.analysis.losses import Batch, Loss, LossFn, as_loss, is_causal
+from sw_hooks.analysis.prefix import PROBE_TOKENS, Runner, find_blocks, replay_is_exact
 from sw_hooks.core.masks import ablate
 
 Progress = Callable[[str], None]
-PROBE_TOKENS = 32
 
 
 class Measurable(Protocol):
@@ -111,132 +115,24 @@ class Measurement:
 
     weights: list[Any]
     """The measured items (the candidates, each with its impact and verdict)."""
-    baseline_perplexity: float
+    baseline_perplexity: float | None
+    """The unablated model's perplexity (pseudo-perplexity for a masked LM; ``None`` for a
+    loss that compares with the unablated model)."""
     joint_ratio: float | None
+    """The impact of all candidates removed together."""
     forwards: float
     """Forward-equivalents run: blocks run over blocks in the model, per window."""
     prefix_reused: bool
 
 
-def find_blocks(model: nn.Module, module_name: str) -> tuple[nn.ModuleList, int] | None:
-    """The list of blocks that holds ``module_name`` and the index of its block.
-
-    The outermost ``ModuleList`` on the module's path whose next name is an index
-    (``model.layers.11`` for ``model.layers.11.mlp.down_proj``): the model's stack of blocks.
-
-    Example:
-        >>> from sw_hooks.testing import tiny_model
-        >>> blocks, index = find_blocks(tiny_model("llama", num_layers=3), "model.layers.2.mlp.down_proj")
-        >>> len(blocks), index
-        (3, 2)
-    """
-    parts = module_name.split(".")
-    for depth in range(1, len(parts)):
-        try:
-            container = model.get_submodule(".".join(parts[:depth]))
-        except AttributeError:
-            return None
-        if isinstance(container, nn.ModuleList) and parts[depth].isdigit():
-            return container, int(parts[depth])
-    return None
-
-
-@contextmanager
-def kept_outputs(blocks: nn.ModuleList, indices: set[int]) -> Iterator[dict[int, Any]]:
-    """Keep what each listed block returns during the body: ``{index: output}``."""
-    kept: dict[int, Any] = {}
-
-    def keeper(index: int):
-        def keep(module: nn.Module, args: Any, output: Any) -> None:
-            kept[index] = output
-
-        return keep
-
-    with HookSet() as hooks:
-        for index in sorted(indices):
-            hooks.forward(blocks[index], keeper(index))
-        yield kept
-
-
-@contextmanager
-def replayed_prefix(blocks: nn.ModuleList, start: int, output: Any) -> Iterator[None]:
-    """Blocks ``0 .. start-1`` return ``output`` (block ``start - 1``'s) without computing.
-
-    Each block's own ``forward`` attribute (accelerate's offload hook keeps one there) is
-    put back on exit.
-    """
-    skipped = list(blocks[:start])
-    saved = [block.__dict__.get("forward") for block in skipped]
-
-    def replay(*args: Any, **kwargs: Any) -> Any:
-        return output
-
-    try:
-        for block in skipped:
-            block.forward = replay
-        yield
-    finally:
-        for block, own in zip(skipped, saved, strict=True):
-            if own is None:
-                block.__dict__.pop("forward", None)
-            else:
-                block.forward = own
-
-
-class _Runner:
-    """Runs one window: the baseline (keeping block outputs), then masked replays."""
-
-    def __init__(
-        self, model: nn.Module, blocks: nn.ModuleList | None, reuse: bool, window_tokens: int
-    ):
-        self.model, self.blocks, self.reuse = model, blocks, reuse and blocks is not None
-        self.window_tokens = window_tokens
-        self.device = execution_device(model)
-        self.total_blocks = len(blocks) if blocks is not None else 1
-        self.forwards = 0.0
-        self.kept: dict[int, Any] = {}
-
-    def baseline(self, chunk: torch.Tensor, starts: set[int], share: float = 1.0) -> torch.Tensor:
-        """Logits of the unmodified model, keeping the outputs of the blocks before ``starts``."""
-        keep = {s - 1 for s in starts if s > 0} if self.reuse else set()
-        with kept_outputs(self.blocks, keep) if keep else _nothing() as kept:
-            logits = _logits(self.model, chunk, self.device)
-        self.kept = kept if keep else {}
-        self.forwards += share
-        return logits
-
-    def cost(self, start: int | None) -> float:
-        """Forward-equivalents of a run from block ``start``: the share of blocks it runs."""
-        if not self.reuse or not start:
-            return 1.0
-        return (self.total_blocks - start) / self.total_blocks
-
-    def run(self, chunk: torch.Tensor, start: int | None, share: float = 1.0) -> torch.Tensor:
-        """Logits with blocks before ``start`` replayed from the baseline (``None``: full).
-
-        ``share`` is the chunk's length over a window's, for counting forwards.
-        """
-        if not self.reuse or not start or start - 1 not in self.kept:
-            self.forwards += share
-            return _logits(self.model, chunk, self.device)
-        self.forwards += self.cost(start) * share
-        with replayed_prefix(self.blocks, start, self.kept[start - 1]):
-            return _logits(self.model, chunk, self.device)
-
-
-@contextmanager
-def _nothing() -> Iterator[dict[int, Any]]:
-    yield {}
-
-
-@torch.no_grad()
 def measure_impacts(
     model: nn.Module,
     candidates: Sequence[Measurable],
-    ids: torch.Tensor,
+    ids: Batch,
     settings: VerifySettings | None = None,
     *,
     ablation: Ablation = ablate,
+    loss_fn: Loss | LossFn | None = None,
     progress: Progress | None = None,
 ) -> Measurement:
     """Each candidate's impact (perplexity ratio with it zeroed), the baseline and the joint ratio.
@@ -244,6 +140,11 @@ def measure_impacts(
     ``ablation`` says how a candidate is removed: by default :func:`~sw_hooks.core.masks.ablate`
     zeroes super weights; :func:`~sw_hooks.analysis.super_experts.prune_experts` drops whole
     experts from the routing. Prefix reuse starts at the block holding ``candidate.module``.
+
+    ``loss_fn`` says what is measured (default: :func:`~sw_hooks.analysis.losses.as_loss`,
+    chosen from the model's class). A causal LM's perplexity is measured over ``ids`` as
+    described above; any other loss by :func:`measure_loss_impacts` on ``ids`` (token ids or
+    a dict of model inputs), the impact being the loss's own transform.
 
     Example:
         >>> from sw_hooks.core.results import SuperWeight
@@ -255,10 +156,15 @@ def measure_impacts(
         'super'
     """
     settings = settings or VerifySettings()
+    loss = as_loss(model, loss_fn)
+    if not is_causal(loss):
+        return measure_loss_impacts(
+            model, candidates, ids, loss, settings, ablation=ablation, progress=progress
+        )
     ids = _check_ids(ids)
     states = [_Candidate(w, *_block_of(model, w)[1:]) for w in candidates]
     blocks = _shared_blocks(model, candidates)
-    runner = _Runner(model, blocks, settings.reuse_prefix, min(settings.window, ids.shape[1]))
+    runner = Runner(model, blocks, settings.reuse_prefix, min(settings.window, ids.shape[1]))
     joint_start = min((s.block for s in states if s.block is not None), default=None)
     if any(s.block is None for s in states):
         joint_start = None
@@ -266,7 +172,7 @@ def measure_impacts(
     windows = list(_window_batches(ids, settings.window, settings.stride))
     started = time.perf_counter()
     if runner.reuse and joint_start is not None:
-        runner.reuse = _replay_is_exact(runner, windows[0][0][:, :PROBE_TOKENS], joint_start)
+        runner.reuse = replay_is_exact(runner, windows[0][0][:, :PROBE_TOKENS], joint_start)
     for index, (chunk, targets) in enumerate(windows):
         base_logits = runner.baseline(chunk, {s.block for s in states if s.block is not None})
         baseline.add(base_logits, targets)
@@ -298,7 +204,7 @@ def measure_impacts(
 
 def _measure_window(
     model: nn.Module,
-    runner: _Runner,
+    runner: Runner,
     states: list[_Candidate],
     joint: _Loss,
     joint_start: int | None,
@@ -316,12 +222,12 @@ def _measure_window(
             joint.add(runner.run(chunk, joint_start), targets)
 
 
-def _seconds_for(forwards: float, runner: _Runner, started: float) -> float:
+def _seconds_for(forwards: float, runner: Runner, started: float) -> float:
     """Time ``forwards`` more forward-equivalents take at the pace measured so far."""
     return (time.perf_counter() - started) / runner.forwards * forwards
 
 
-def _window_cost(runner: _Runner, states: list[_Candidate], joint_start: int | None) -> float:
+def _window_cost(runner: Runner, states: list[_Candidate], joint_start: int | None) -> float:
     """Forward-equivalents one more window costs: baseline, candidates left, joint."""
     active = [runner.cost(s.block) for s in states if not s.screened]
     return 1.0 + sum(active) + (runner.cost(joint_start) if states else 0.0)
@@ -336,19 +242,6 @@ def _shared_blocks(model: nn.Module, candidates: Sequence[Measurable]) -> nn.Mod
     """The block list of the candidates when they all sit in one (else no prefix reuse)."""
     lists = {id(b): b for b, _ in (_block_of(model, w) for w in candidates) if b is not None}
     return next(iter(lists.values())) if len(lists) == 1 else None
-
-
-def _replay_is_exact(runner: _Runner, probe: torch.Tensor, start: int) -> bool:
-    """Whether replaying blocks before ``start`` gives the logits of a full forward.
-
-    Checked once per measurement, on the first ``PROBE_TOKENS`` tokens: enough to catch a
-    block that depends on more than its input, at a few percent of a window's cost.
-    """
-    expected = runner.baseline(probe, {start}, share=probe.shape[1] / runner.window_tokens)
-    replayed = runner.run(probe, start, share=probe.shape[1] / runner.window_tokens)
-    runner.kept = {}
-    scale = float(expected.abs().max()) or 1.0
-    return bool(torch.allclose(replayed, expected, rtol=1e-5, atol=1e-5 * scale))
 
 
 def _screen(states: list[_Candidate], baseline: _Loss, settings: VerifySettings) -> None:
@@ -369,3 +262,71 @@ def _verdict(
         note = " (screened after the first window)" if state.screened else ""
         progress(f"{weight.label} x{ratio:.3f}{note}")
     return weight.with_impact(ratio, settings.min_impact)
+
+
+@torch.no_grad()
+def measure_loss_impacts(
+    model: nn.Module,
+    candidates: Sequence[Measurable],
+    batch: Batch,
+    loss: Loss,
+    settings: VerifySettings | None = None,
+    *,
+    ablation: Ablation = ablate,
+    progress: Progress | None = None,
+) -> Measurement:
+    """Each candidate's impact under ``loss``: the loss with it removed against the baseline.
+
+    References (:meth:`~sw_hooks.analysis.losses.Loss.bind`) are computed on the unablated
+    model before any candidate is removed. Every candidate is measured on the whole batch.
+    """
+    settings = settings or VerifySettings()
+    chunks = _loss_chunks(batch, settings.window)
+    bound = [loss.bind(model, chunk) for chunk in chunks]
+    weights = [_chunk_weight(chunk) for chunk in chunks]
+
+    def value() -> float:
+        total = sum(
+            float(fn(model, c)) * w for fn, c, w in zip(bound, chunks, weights, strict=True)
+        )
+        return total / sum(weights)
+
+    baseline = value()
+    forwards = 2.0 * len(chunks)  # the references and the baseline
+    measured = []
+    for candidate in candidates:
+        with ablation(model, [candidate]):
+            impact = loss.impact(value(), baseline)
+        forwards += len(chunks)
+        if progress:
+            progress(f"{candidate.label} x{impact:.3f} ({loss.name})")
+        measured.append(candidate.with_impact(impact, settings.min_impact))
+    joint = None
+    if candidates:
+        with ablation(model, list(candidates)):
+            joint = loss.impact(value(), baseline)
+        forwards += len(chunks)
+    scale = loss.forwards_per_call
+    return Measurement(measured, loss.baseline_value(baseline), joint, forwards * scale, False)
+
+
+def _loss_chunks(batch: Batch, window: int) -> list[Batch]:
+    """``batch`` as it is, or integer token ids cut into chunks of at most ``window`` tokens."""
+    if isinstance(batch, Mapping):
+        if not all(isinstance(v, torch.Tensor) for v in batch.values()) or not batch:
+            raise TypeError("a batch dict must map input names to tensors")
+        return [batch]
+    if not isinstance(batch, torch.Tensor):
+        raise TypeError(
+            f"a batch must be a tensor or a dict of tensors, got {type(batch).__name__}"
+        )
+    if batch.is_floating_point() or batch.dim() != 2 or batch.shape[1] <= window:
+        return [batch]
+    return list(batch.split(window, dim=1))
+
+
+def _chunk_weight(chunk: Batch) -> float:
+    """A chunk's share of the loss: its token count (token ids), else 1."""
+    if isinstance(chunk, torch.Tensor) and not chunk.is_floating_point():
+        return float(chunk.numel())
+    return 1.0

@@ -6,7 +6,10 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+
 from sw_hooks.analysis.detect import DetectionOptions, run_detection
+from sw_hooks.analysis.losses import Loss, as_loss, loss_for
 from sw_hooks.cli._common import (
     CliError,
     add_model_arguments,
@@ -66,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("--prompt is empty")
     text = read_text(args.text)
     model, tokenizer, name = load_model_for_cli(args)
+    loss = _loss(model, tokenizer) if not args.no_verify else None
     calibration = token_ids(tokenizer, text, args.max_tokens, prepend_bos=args.bos)
     prompt = (
         token_ids(tokenizer, args.prompt, PROMPT_TOKENS, prepend_bos=args.bos)
@@ -81,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
             options=options,
             model_name=name,
             prepend_bos=args.bos,
+            loss_fn=loss,
             progress=lambda line: progress(line, quiet=args.quiet),
         )
     print(format_table(result))
@@ -88,6 +93,17 @@ def run(args: argparse.Namespace) -> int:
         write_output(args.json_out, json.dumps(result.to_dict(), indent=2) + "\n")
         progress(f"wrote {args.json_out}", quiet=args.quiet)
     return 0
+
+
+def _loss(model: torch.nn.Module, tokenizer: object) -> Loss:
+    """The loss chosen from the model's class (a causal LM keeps its perplexity); a masked
+    LM's mask token comes from the tokenizer."""
+    try:
+        if getattr(model, "config", None) is None:
+            return as_loss(model, None)
+        return loss_for(model, mask_token_id=getattr(tokenizer, "mask_token_id", None))
+    except ValueError as error:
+        raise CliError(str(error)) from None
 
 
 def _options(args: argparse.Namespace) -> DetectionOptions:

@@ -19,6 +19,7 @@ from sw_hooks.testing.families import (
     plant_decoy,
     plant_spike_pair,
     tiny_family,
+    wire_head,
 )
 from sw_hooks.testing.moe import (
     MOE_ARCHITECTURES,
@@ -39,6 +40,7 @@ from sw_hooks.testing.planting import (
 from sw_hooks.testing.tiny import ARCHITECTURES, byte_tokenizer, tiny_model
 
 __all__ = [
+    "wire_head",
     "ARCHITECTURES",
     "FAMILIES",
     "MOE_ARCHITECTURES",

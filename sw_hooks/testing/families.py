@@ -9,6 +9,13 @@ layouts work too) are turned to read one input direction strongly, so the channe
 on every token aligned with it; ``weight[:, col]`` is cleared but for ``row``, so the
 output spikes at ``row``. :func:`plant_decoy` only makes a weight large: its input channel
 stays ordinary, so there is no activation spike to find.
+
+With ``on_every_token=True`` the channel reads the mean direction of its input over all
+tokens instead, so it spikes on every token and the super activation rides the whole
+sequence into the output: removing the weight then changes what any loss on the output sees
+(:mod:`sw_hooks.analysis.losses`). :func:`wire_head` makes a task head (classifier, masked-LM
+head) read the super activation's row as one class or token, as
+:func:`~sw_hooks.testing.planting.wire_lm_head` does for causal LMs.
 """
 
 from __future__ import annotations
@@ -181,18 +188,24 @@ def plant_spike_pair(
     col: int,
     *,
     value: float = 8.0,
-    drive: float = 4.0,
+    drive: float | None = None,
+    on_every_token: bool = False,
 ) -> PlantedPair:
     """Make ``module.weight[row, col]`` (``[out, in]``) the weight of a spike pair.
 
     Every linear feeding input channel ``col`` of ``module`` reads, scaled by ``drive``, the
     unit direction of its own input on the loudest token of :func:`family_input` (bias
     cleared), so that channel spikes there; ``weight[:, col]`` is zero but for
-    ``weight[row, col] = value``.
+    ``weight[row, col] = value``. ``on_every_token=True`` reads the mean direction of the
+    input over all tokens instead, so the channel spikes on every token of
+    :func:`family_input` and the weight matters to the model's output. ``drive`` defaults
+    to 4, or 8 on every token (the mean direction is less aligned with each token than the
+    loudest token's own is with it).
     """
+    drive = drive if drive is not None else (8.0 if on_every_token else 4.0)
     feeding = feeding_linears(model, module, family_input(model))
     width = oriented_weight(model.get_submodule(module)).shape[1]
-    direction = _loudest_input(model, model.get_submodule(feeding[0]))
+    direction = _input_direction(model, model.get_submodule(feeding[0]), on_every_token)
     with torch.no_grad():
         for name in feeding:
             _drive_rows(model.get_submodule(name), col, width, drive * direction)
@@ -211,8 +224,9 @@ def plant_decoy(
     return PlantedPair(module, layer_index(module), row, col, value)
 
 
-def _loudest_input(model: nn.Module, linear: nn.Module) -> torch.Tensor:
-    """The unit direction of ``linear``'s input on the token where it is largest."""
+def _input_direction(model: nn.Module, linear: nn.Module, mean: bool) -> torch.Tensor:
+    """The unit direction of ``linear``'s input on the token where it is largest, or (``mean``)
+    of the mean of its tokens' unit directions, which every token leans towards."""
     seen: list[torch.Tensor] = []
     handle = linear.register_forward_hook(lambda m, args, out: seen.append(args[0]))
     try:
@@ -221,8 +235,11 @@ def _loudest_input(model: nn.Module, linear: nn.Module) -> torch.Tensor:
     finally:
         handle.remove()
     tokens = seen[0].reshape(-1, seen[0].shape[-1]).float()
-    loudest = tokens[tokens.norm(dim=-1).argmax()]
-    return loudest / loudest.norm()
+    if mean:
+        chosen = (tokens / tokens.norm(dim=-1, keepdim=True)).mean(0)
+    else:
+        chosen = tokens[tokens.norm(dim=-1).argmax()]
+    return chosen / chosen.norm()
 
 
 def _drive_rows(linear: nn.Module, col: int, width: int, row_value: torch.Tensor) -> None:
@@ -234,3 +251,31 @@ def _drive_rows(linear: nn.Module, col: int, width: int, row_value: torch.Tensor
         weight[out_row] = row_value.to(weight.dtype)
         if isinstance(bias, torch.Tensor):
             bias[out_row] = 0
+
+
+def wire_head(model: nn.Module, row: int, target: int) -> None:
+    """Let the model's task head read hidden ``row`` only, as class or token ``target``.
+
+    The head is the output embeddings (a masked-LM decoder) or a linear ``classifier``; a
+    BERT-style prediction transform before it (``cls.predictions.transform``) passes ``row``
+    through unchanged.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = head if isinstance(head, nn.Linear) else getattr(model, "classifier", None)
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"{type(model).__name__} has no linear head to wire")
+    with torch.no_grad():
+        transform = _prediction_transform(model)
+        if transform is not None:
+            transform.weight[:, row] = 0
+            transform.weight[row] = 0
+            transform.weight[row, row] = 1.0
+        head.weight[:, row] = 0
+        head.weight[target, row] = 4.0
+
+
+def _prediction_transform(model: nn.Module) -> nn.Linear | None:
+    for name, module in model.named_modules():
+        if name.endswith("predictions.transform.dense") and isinstance(module, nn.Linear):
+            return module
+    return None

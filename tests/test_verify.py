@@ -148,3 +148,19 @@ def test_offload_hooks_survive_the_replay():
         i: layer.__dict__.get("forward") for i, layer in enumerate(model.model.layers)
     } == hooked
     assert measured.weights[0].impact == pytest.approx(reference.weights[0].impact, rel=1e-5)
+
+
+def test_measurement_builds_no_autograd_graph() -> None:
+    """Every forward of a measurement runs without gradients (a graph per window would cost
+    memory and time, and nothing here is differentiated)."""
+    planted = planted_llama()
+    seen: list[bool] = []
+    handle = planted.model.register_forward_pre_hook(
+        lambda *_: seen.append(torch.is_grad_enabled())
+    )
+    try:
+        weight = SuperWeight("model.layers.1.mlp.down_proj", 1, 5, 17, 0.0)
+        measure_impacts(planted.model, [weight], planted.calibration_ids())
+    finally:
+        handle.remove()
+    assert seen and not any(seen)

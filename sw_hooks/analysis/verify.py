@@ -125,6 +125,7 @@ class Measurement:
     prefix_reused: bool
 
 
+@torch.no_grad()
 def measure_impacts(
     model: nn.Module,
     candidates: Sequence[Measurable],
@@ -161,13 +162,28 @@ def measure_impacts(
         return measure_loss_impacts(
             model, candidates, ids, loss, settings, ablation=ablation, progress=progress
         )
-    ids = _check_ids(ids)
+    return _measure_perplexity_impacts(
+        model, candidates, _check_ids(ids), settings, ablation, progress
+    )
+
+
+def _measure_perplexity_impacts(
+    model: nn.Module,
+    candidates: Sequence[Measurable],
+    ids: torch.Tensor,
+    settings: VerifySettings,
+    ablation: Ablation,
+    progress: Progress | None,
+) -> Measurement:
+    """The causal-LM measurement: sliding windows, prefix reuse, screening after window one."""
     states = [_Candidate(w, *_block_of(model, w)[1:]) for w in candidates]
-    blocks = _shared_blocks(model, candidates)
-    runner = Runner(model, blocks, settings.reuse_prefix, min(settings.window, ids.shape[1]))
-    joint_start = min((s.block for s in states if s.block is not None), default=None)
-    if any(s.block is None for s in states):
-        joint_start = None
+    runner = Runner(
+        model,
+        _shared_blocks(model, candidates),
+        settings.reuse_prefix,
+        min(settings.window, ids.shape[1]),
+    )
+    joint_start = _joint_start(states)
     baseline, joint, first_window = _Loss(), _Loss(), _Loss()
     windows = list(_window_batches(ids, settings.window, settings.stride))
     started = time.perf_counter()
@@ -193,13 +209,16 @@ def measure_impacts(
     measured = [
         _verdict(s, first_window if s.screened else baseline, settings, progress) for s in states
     ]
-    return Measurement(
-        measured,
-        math.exp(baseline.total / max(baseline.tokens, 1)),
-        joint.ratio_over(baseline) if states else None,
-        runner.forwards,
-        runner.reuse,
-    )
+    joint_ratio = joint.ratio_over(baseline) if states else None
+    perplexity = math.exp(baseline.total / max(baseline.tokens, 1))
+    return Measurement(measured, perplexity, joint_ratio, runner.forwards, runner.reuse)
+
+
+def _joint_start(states: Sequence[_Candidate]) -> int | None:
+    """The first block of the joint ablation; ``None`` (a full forward) if any is blockless."""
+    if any(s.block is None for s in states):
+        return None
+    return min((s.block for s in states), default=None)
 
 
 def _measure_window(

@@ -41,3 +41,25 @@ def test_q4_0_with_the_super_weight_kept_at_f16_loads_with_it(tmp_path):
     manifest = write_manifest([SUPER], original, tmp_path / "sw.json")
     apply_manifest(loaded, manifest)
     assert float(weight[SUPER[1], SUPER[2]]) == source
+
+
+def test_the_exported_file_has_the_perplexity_the_benchmark_measured(tmp_path):
+    """The README's table comes from ``benchmarks/bench_gguf.py``: loading the exported file
+    the way a user does (``load_model`` on the .gguf) gives the perplexity it recorded."""
+    import json
+    from pathlib import Path
+
+    from sw_hooks.analysis.impact import perplexity
+    from sw_hooks.models import calibration_text, tokenize
+
+    recorded = json.loads(
+        (Path(__file__).parents[2] / "benchmarks" / "results" / "gguf.json").read_text()
+    )
+    out = tmp_path / "smollm2.Q4_0.gguf"
+    export_gguf(default_model_path(), out, quant_type="Q4_0", super_weights=[SUPER])
+    model, tokenizer = load_model(out, cache=False)
+    ids = tokenize(tokenizer, calibration_text(), max_tokens=recorded["tokens"])
+    measured = perplexity(model, ids, window=512, stride=256)
+    assert measured == pytest.approx(
+        recorded["results"]["Q4_0"]["keep f16"]["perplexity"], rel=1e-5
+    )

@@ -7,6 +7,7 @@ The embedded default is SmolLM2-135M-Instruct as shipped by the PyPI package
 from __future__ import annotations
 
 import importlib.util
+import json
 import struct
 from functools import cache
 from pathlib import Path
@@ -138,16 +139,20 @@ def _from_pretrained(
 
 
 def _model_class(source: str, options: dict[str, Any]) -> Any:
-    """The class the checkpoint says it is (``config.architectures``): an encoder, a
-    classifier or a seq2seq model loads as itself; a causal LM (and every GGUF file, which
-    holds decoders) through ``AutoModelForCausalLM``."""
+    """The class a local checkpoint says it is (``architectures`` in its ``config.json``): an
+    encoder, a classifier or a seq2seq model loads as itself; a causal LM, every GGUF file
+    (they hold decoders) and a hub id through ``AutoModelForCausalLM``."""
     import transformers
 
-    if options:
+    config = Path(source) / "config.json"
+    if options or not config.is_file():
         return transformers.AutoModelForCausalLM
-    config = transformers.AutoConfig.from_pretrained(source)
-    for name in getattr(config, "architectures", None) or ():
-        found = getattr(transformers, name, None)
+    try:
+        architectures = json.loads(config.read_text()).get("architectures") or ()
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return transformers.AutoModelForCausalLM  # from_pretrained names the problem
+    for name in architectures:
+        found = getattr(transformers, name, None) if isinstance(name, str) else None
         if found is not None and not name.endswith("ForCausalLM"):
             return found
     return transformers.AutoModelForCausalLM

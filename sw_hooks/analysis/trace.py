@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from sw_hooks.analysis.detect import layer_peaks_of
+from sw_hooks.analysis.losses import Batch
 from sw_hooks.core.access import WeightElement
 from sw_hooks.core.devices import execution_device
 from sw_hooks.core.hooks import HookSet
@@ -63,30 +64,43 @@ class ResidualTrace:
         )
 
 
-def decoder_layers(model: nn.Module) -> dict[int, nn.Module]:
+def decoder_layers(model: nn.Module, within: str | None = None) -> dict[int, nn.Module]:
     """``{layer index: decoder layer module}``, found from the recorded modules' names
     (down-projections and experts modules).
 
     The decoder layer is the module named up to the layer number
     (``model.layers.3.mlp.down_proj`` -> ``model.layers.3``), which holds for every
-    architecture the locator knows.
+    architecture the locator knows. ``within`` (a recorded module's name) keeps only the
+    layers of its own stack, so an encoder-decoder's encoder layer 1 is not confused with
+    its decoder layer 1.
 
     Example:
         >>> from sw_hooks.testing import tiny_model
         >>> sorted(decoder_layers(tiny_model("llama", num_layers=2)))
         [0, 1]
     """
+    stack = _stack_of(within) if within is not None else None
     layers = {}
     for name in recorded_module_names(model):
         index = layer_index(name)
-        if index is None:
+        if index is None or (stack is not None and _stack_of(name) != stack):
             continue
-        parts = name.split(".")
-        cut = parts.index(str(index)) + 1
-        layers[index] = model.get_submodule(".".join(parts[:cut]))
+        layers[index] = model.get_submodule(_layer_name(name, index))
     if not layers:
         raise ValueError("found no numbered decoder layers above the down-projections")
     return dict(sorted(layers.items()))
+
+
+def _layer_name(name: str, index: int) -> str:
+    parts = name.split(".")
+    return ".".join(parts[: parts.index(str(index)) + 1])
+
+
+def _stack_of(name: str) -> str | None:
+    """The list of layers a module sits in (``encoder.block`` for
+    ``encoder.block.1.layer.1.DenseReluDense.wo``)."""
+    index = layer_index(name)
+    return _layer_name(name, index).rsplit(".", 1)[0] if index is not None else None
 
 
 def _hidden(output: Any) -> torch.Tensor:
@@ -94,16 +108,33 @@ def _hidden(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple | list) else output
 
 
+def _run(model: nn.Module, inputs: Batch) -> None:
+    device = execution_device(model)
+    if isinstance(inputs, torch.Tensor):
+        model(inputs.to(device))
+    else:
+        model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()})
+
+
 @torch.no_grad()
 def residual_trace(
-    model: nn.Module, ids: torch.Tensor, channel: int, token: int, *, batch: int = 0
+    model: nn.Module,
+    ids: Batch,
+    channel: int,
+    token: int,
+    *,
+    batch: int = 0,
+    within: str | None = None,
 ) -> ResidualTrace:
     """Follow one residual channel at one token through every decoder layer.
 
     Args:
-        model: a causal LM whose down-projections the locator finds.
-        ids: token ids ``[batch, tokens]``.
+        model: a model whose down-projections the locator finds.
+        ids: token ids ``[batch, tokens]``, or a dict of model inputs (``pixel_values``,
+            ``input_features``, ...).
         channel: hidden channel to follow; token: its position; batch: which sequence.
+        within: follow the layers of this module's stack only (an encoder-decoder's
+            encoder or decoder; default: every numbered layer).
 
     Raises:
         ValueError: ``token`` or ``channel`` lies outside the hidden states.
@@ -115,8 +146,10 @@ def residual_trace(
         >>> trace.layers
         (0, 1, 2, 3)
     """
-    layers = decoder_layers(model)
-    if ids.dim() != 2 or not 0 <= token < ids.shape[1] or not 0 <= batch < ids.shape[0]:
+    layers = decoder_layers(model, within)
+    if isinstance(ids, torch.Tensor) and (
+        ids.dim() != 2 or not 0 <= token < ids.shape[1] or not 0 <= batch < ids.shape[0]
+    ):
         raise ValueError(
             f"token {token} / batch {batch} is outside ids of shape {tuple(ids.shape)}"
         )
@@ -127,6 +160,11 @@ def residual_trace(
             hidden = _hidden(output)
             if not 0 <= channel < hidden.shape[-1]:
                 raise ValueError(f"channel {channel} is outside hidden size {hidden.shape[-1]}")
+            if hidden.dim() != 3 or not (0 <= token < hidden.shape[1] and batch < len(hidden)):
+                raise ValueError(
+                    f"token {token} / batch {batch} is outside the hidden states of shape "
+                    f"{tuple(hidden.shape)}"
+                )
             magnitudes[index] = float(hidden[batch, token, channel].abs())
 
         return hook
@@ -134,17 +172,18 @@ def residual_trace(
     with HookSet() as hooks:
         for index, layer in layers.items():
             hooks.forward(layer, keep(index))
-        model(ids.to(execution_device(model)))
+        _run(model, ids)
     return ResidualTrace(channel, token, tuple(layers), tuple(magnitudes[i] for i in layers))
 
 
 def super_activation_trace(
-    model: nn.Module, ids: torch.Tensor, super_weight: SuperWeight
+    model: nn.Module, ids: Batch, super_weight: SuperWeight
 ) -> tuple[ResidualTrace, ResidualTrace]:
     """The super activation's channel along the residual stream: ``(original, ablated)``.
 
-    Follows channel ``super_weight.row`` at ``super_weight.token_position``, once as is and
-    once with the weight zeroed (restored on return).
+    Follows channel ``super_weight.row`` at ``super_weight.token_position`` through the
+    layers of the weight's own stack, once as is and once with the weight zeroed
+    (restored on return).
 
     Example:
         >>> from sw_hooks.testing import planted_llama
@@ -154,9 +193,10 @@ def super_activation_trace(
         >>> original.magnitudes[-1] > 10 * ablated.magnitudes[-1]
         True
     """
-    original = residual_trace(model, ids, super_weight.row, super_weight.token_position)
+    row, token, module = super_weight.row, super_weight.token_position, super_weight.module
+    original = residual_trace(model, ids, row, token, within=module)
     with ablate(model, [super_weight]):
-        ablated = residual_trace(model, ids, super_weight.row, super_weight.token_position)
+        ablated = residual_trace(model, ids, row, token, within=module)
     return original, ablated
 
 

@@ -34,7 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Detect and verify the super weights, measure the paper's Table 1 and a small "
             "quantization sweep, and write DIR/report.md with the figures as PNGs beside it, "
             "DIR/report.html (one self-contained file, figures inside) and DIR/report.json "
-            "with every number shown."
+            "with every number shown. A model other than a causal LM (an encoder, a "
+            "seq2seq model) is verified with its own loss; Table 1 and the sweep, which "
+            "measure perplexity, are left out for it."
         ),
     )
     add_model_arguments(parser)

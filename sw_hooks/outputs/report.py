@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from sw_hooks.analysis.losses import Loss, LossFn, as_loss, is_causal, loss_for
 from sw_hooks.core.results import DetectionResult, SuperWeight
 from sw_hooks.outputs.report_data import (
     REPORT_BLOCK_SIZES,
@@ -71,26 +72,38 @@ class _Timer:
 def collect_report(
     model: nn.Module,
     tokenizer: Any,
-    ids: torch.Tensor,
+    ids: torch.Tensor | Mapping[str, Any],
     *,
     model_name: str | None = None,
     options: ReportOptions | None = None,
     progress: Progress | None = None,
     candidate: nn.Module | None = None,
     candidate_name: str | None = None,
+    loss_fn: Loss | LossFn | None = None,
 ) -> ReportData:
     """Detect, measure impact and sweep quantization: every number a report needs.
 
+    A model other than a causal LM (an encoder, a vision or audio model, an
+    encoder-decoder) is verified with its own loss (:func:`~sw_hooks.analysis.losses.loss_for`),
+    and gets detection, traces and heat maps only: Table 1 and the quantization sweep
+    measure perplexity, which it does not have (the report says so).
+
     Args:
-        model: a causal LM; it is left as it was found (every mask is restored).
-        tokenizer: used for the stopword ids; ``None`` skips the stopword shift.
+        model: any model whose down-projections the locator finds; it is left as it was
+            found (every mask is restored).
+        tokenizer: used for the stopword ids and a masked LM's mask token; ``None`` skips
+            the stopword shift.
         ids: token ids ``[1, tokens]``: the prompt is their start, the rest is for perplexity.
+            A model other than a causal LM may take a dict of model inputs instead
+            (``pixel_values``, ``input_features``, ...).
         model_name: the name shown; options: see :class:`ReportOptions`.
         progress: called with a line of text as each stage starts and ends.
         candidate: a changed copy of ``model`` (quantized, fine-tuned) to compare with it on
             the same tokens (:func:`~sw_hooks.outputs.compare.compare_models`), following the
             report's super weights; checked against ``model`` before any measurement.
         candidate_name: the candidate's name shown.
+        loss_fn: what verification measures (default: chosen from the model's class; a
+            model without a Hugging Face config is measured as a causal LM).
 
     Example:
         >>> from sw_hooks.testing import planted_llama
@@ -101,6 +114,11 @@ def collect_report(
     from sw_hooks.outputs.compare import check_comparable
 
     options = options or ReportOptions()
+    loss = _report_loss(model, tokenizer, loss_fn)
+    if not is_causal(loss):
+        return _collect_non_causal(model, ids, loss, model_name, options, progress, candidate)
+    if not isinstance(ids, torch.Tensor):
+        raise ValueError(f"a causal LM's report needs token ids [1, tokens], got {type(ids)}")
     if ids.dim() != 2 or ids.shape[1] < 2:
         raise ValueError(
             f"need token ids [1, tokens] with at least 2 tokens, got {tuple(ids.shape)}"
@@ -147,9 +165,72 @@ def collect_report(
     return data
 
 
+def _report_loss(model: nn.Module, tokenizer: Any, loss_fn: Loss | LossFn | None) -> Loss:
+    """The loss detection verifies with; a masked LM takes its mask token from the tokenizer."""
+    if loss_fn is not None or getattr(model, "config", None) is None:
+        return as_loss(model, loss_fn)
+    return loss_for(model, mask_token_id=getattr(tokenizer, "mask_token_id", None))
+
+
+def _collect_non_causal(
+    model: nn.Module,
+    inputs: torch.Tensor | Mapping[str, Any],
+    loss: Loss,
+    model_name: str | None,
+    options: ReportOptions,
+    progress: Progress | None,
+    candidate: nn.Module | None,
+) -> ReportData:
+    """Detection with the model's own loss, traces and heat maps; nothing perplexity-based."""
+    from sw_hooks.analysis.detect import run_detection
+
+    if candidate is not None:
+        raise ValueError(
+            f"comparing with a candidate needs a causal LM (it measures perplexity and "
+            f"next-token KL); {type(model).__name__} is verified with the {loss.name} loss"
+        )
+    tokens = _check_inputs(inputs)
+    prompt = inputs[:, : options.prompt_tokens] if isinstance(inputs, torch.Tensor) else inputs
+    timer = _Timer(progress)
+    result = timer.run(
+        "detection",
+        lambda: run_detection(
+            model,
+            prompt,
+            calibration=inputs if isinstance(inputs, torch.Tensor) else None,
+            model_name=model_name,
+            loss_fn=loss,
+            window=options.window,
+            progress=progress,
+        ),
+    )
+    data = ReportData(result.model, tokens, result.to_dict(), options=options.to_dict())
+    shown = shown_weights(result)
+    if shown:
+        timer.run("residual-stream traces", lambda: _traces(model, prompt, shown, options, data))
+    data.timings = timer.timings
+    return data
+
+
+def _check_inputs(inputs: Any) -> int:
+    """The number of tokens of ``inputs`` (0 when they are not token ids), or a clear error."""
+    if isinstance(inputs, torch.Tensor):
+        if inputs.dim() != 2 or inputs.shape[1] < 2:
+            raise ValueError(
+                f"need token ids [1, tokens] with at least 2 tokens, got {tuple(inputs.shape)}"
+            )
+        return int(inputs.shape[1])
+    if not isinstance(inputs, Mapping) or not inputs:
+        raise ValueError(
+            f"need token ids [1, tokens] or a dict of model inputs, got {type(inputs).__name__}"
+        )
+    ids = inputs.get("input_ids")
+    return int(ids.shape[1]) if isinstance(ids, torch.Tensor) and ids.dim() == 2 else 0
+
+
 def _traces(
     model: nn.Module,
-    prompt: torch.Tensor,
+    prompt: torch.Tensor | Mapping[str, Any],
     shown: Sequence[SuperWeight],
     options: ReportOptions,
     data: ReportData,

@@ -74,16 +74,20 @@ def report_blocks(data: ReportData, figures: Sequence[str]) -> list[Block]:
     """The report's content in order: tables of the numbers, each figure with its caption."""
     result = data.result
     prompt = min(data.tokens, int(data.options.get("prompt_tokens", data.tokens)))
-    blocks: list[Block | None] = [
-        Heading(f"Super weights of {data.model}"),
-        Paragraph(
-            f"{data.tokens} tokens of text: detection records spikes on the first {prompt}; "
-            "perplexity is measured on all of them."
-        ),
-    ]
+    loss = _own_loss(result)
+    blocks: list[Block | None] = [Heading(f"Super weights of {data.model}")]
+    if loss is None:
+        blocks.append(
+            Paragraph(
+                f"{data.tokens} tokens of text: detection records spikes on the first "
+                f"{prompt}; perplexity is measured on all of them."
+            )
+        )
+    else:
+        blocks += _non_causal_intro(data, loss)
     if result.baseline_perplexity:
         blocks.append(Paragraph(f"Baseline perplexity {result.baseline_perplexity:.2f}."))
-    blocks.append(_weights_table(result))
+    blocks.append(_weights_table(result, loss))
     if result.super_experts:
         blocks += _super_experts_table(result)
     shown = set(figures)
@@ -113,8 +117,32 @@ def _figure_if(name: str, shown: set[str]) -> FigureBlock | None:
     return FigureBlock(name, FIGURES[name]) if name in shown else None
 
 
-def _weights_table(result: DetectionResult) -> Table:
-    """One row a candidate; an ``expert`` column when any sits inside experts."""
+LEFT_OUT_FOR_NON_CAUSAL = (
+    "Table 1 and the quantization sweep are left out: they measure perplexity and "
+    "next-token probabilities, which only a causal LM has."
+)
+
+
+def _own_loss(result: DetectionResult) -> str | None:
+    """The loss detection verified with when it is not a causal LM's perplexity."""
+    loss = result.options.get("loss")
+    return str(loss) if loss is not None else None
+
+
+def _non_causal_intro(data: ReportData, loss: str) -> list[Block]:
+    inputs = f"{data.tokens} tokens of input" if data.tokens else "the inputs given"
+    return [
+        Paragraph(
+            f"Detection records spikes on {inputs} and measures each candidate's impact with "
+            f"the model's own loss, {loss} (1: the weight changes nothing)."
+        ),
+        Paragraph(LEFT_OUT_FOR_NON_CAUSAL),
+    ]
+
+
+def _weights_table(result: DetectionResult, loss: str | None = None) -> Table:
+    """One row a candidate; an ``expert`` column when any sits inside experts; the impact
+    column names the loss when it is not perplexity."""
     experts = any(w.expert is not None for w in result.super_weights)
     header = ("layer", *(("expert",) if experts else ()), "module", "[row, col]", "weight")
     rows = [
@@ -147,7 +175,8 @@ def _weights_table(result: DetectionResult) -> Table:
         True,
         False,
     )
-    columns = (*header, "input act.", "output act.", "token", "impact", "verdict")
+    impact = f"impact ({loss})" if loss is not None else "impact"
+    columns = (*header, "input act.", "output act.", "token", impact, "verdict")
     return Table(columns, numeric, tuple(rows))
 
 

@@ -110,35 +110,17 @@ def collect_report(
         >>> planted = planted_llama()
         >>> data = collect_report(planted.model, None, planted.calibration_ids())  # doctest: +SKIP
     """
-    from sw_hooks.analysis.detect import run_detection
     from sw_hooks.outputs.compare import check_comparable
 
     options = options or ReportOptions()
     loss = _report_loss(model, tokenizer, loss_fn)
     if not is_causal(loss):
         return _collect_non_causal(model, ids, loss, model_name, options, progress, candidate)
-    if not isinstance(ids, torch.Tensor):
-        raise ValueError(f"a causal LM's report needs token ids [1, tokens], got {type(ids)}")
-    if ids.dim() != 2 or ids.shape[1] < 2:
-        raise ValueError(
-            f"need token ids [1, tokens] with at least 2 tokens, got {tuple(ids.shape)}"
-        )
+    ids = _check_causal_ids(ids)
     if candidate is not None:
         check_comparable(model, candidate, ())
     timer = _Timer(progress)
-    prompt = ids[:, : options.prompt_tokens]
-    result = timer.run(
-        "detection",
-        lambda: run_detection(
-            model,
-            prompt,
-            calibration=ids,
-            model_name=model_name,
-            window=options.window,
-            stride=options.stride,
-            progress=progress,
-        ),
-    )
+    result = timer.run("detection", lambda: _detect(model, ids, model_name, options, progress))
     data = ReportData(
         model=result.model,
         tokens=int(ids.shape[1]),
@@ -147,6 +129,7 @@ def collect_report(
     )
     shown = shown_weights(result)
     if shown:
+        prompt = ids[:, : options.prompt_tokens]
         timer.run("residual-stream traces", lambda: _traces(model, prompt, shown, options, data))
         data.impact = timer.run(
             "impact (Table 1)", lambda: _impact(model, tokenizer, ids, result, options, progress)
@@ -163,6 +146,37 @@ def collect_report(
         )
     data.timings = timer.timings
     return data
+
+
+def _check_causal_ids(ids: torch.Tensor | Mapping[str, Any]) -> torch.Tensor:
+    if not isinstance(ids, torch.Tensor):
+        raise ValueError(f"a causal LM's report needs token ids [1, tokens], got {type(ids)}")
+    if ids.dim() != 2 or ids.shape[1] < 2:
+        raise ValueError(
+            f"need token ids [1, tokens] with at least 2 tokens, got {tuple(ids.shape)}"
+        )
+    return ids
+
+
+def _detect(
+    model: nn.Module,
+    ids: torch.Tensor,
+    model_name: str | None,
+    options: ReportOptions,
+    progress: Progress | None,
+) -> DetectionResult:
+    """Detection on the prompt (the first ``prompt_tokens``), verified on all of ``ids``."""
+    from sw_hooks.analysis.detect import run_detection
+
+    return run_detection(
+        model,
+        ids[:, : options.prompt_tokens],
+        calibration=ids,
+        model_name=model_name,
+        window=options.window,
+        stride=options.stride,
+        progress=progress,
+    )
 
 
 def _report_loss(model: nn.Module, tokenizer: Any, loss_fn: Loss | LossFn | None) -> Loss:

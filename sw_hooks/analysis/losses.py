@@ -387,10 +387,11 @@ def _pseudo_perplexity(config: Any, kind: str, mask_token_id: int | None) -> Pse
     return PseudoPerplexity(mask, skip_ids=skip)
 
 
-def as_loss(model: nn.Module, loss_fn: Loss | LossFn | None) -> Loss:
+def as_loss(model: nn.Module, loss_fn: Loss | LossFn | None, *, tokenizer: Any = None) -> Loss:
     """The loss to verify ``model`` with: ``loss_fn`` (a plain callable is measured by its
-    ratio), else :func:`loss_for` the model. A model without a Hugging Face config is
-    measured as a causal LM, as detection always has.
+    ratio), else :func:`loss_for` the model, a masked LM taking its mask token from
+    ``tokenizer``. A model without a Hugging Face config is measured as a causal LM, as
+    detection always has.
     """
     if isinstance(loss_fn, Loss):
         return loss_fn
@@ -400,7 +401,7 @@ def as_loss(model: nn.Module, loss_fn: Loss | LossFn | None) -> Loss:
         return LossRatio(loss_fn)
     if getattr(_unwrapped(model), "config", None) is None:
         return Perplexity()
-    return loss_for(model)
+    return loss_for(model, mask_token_id=getattr(tokenizer, "mask_token_id", None))
 
 
 def is_causal(loss: Loss) -> bool:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from sw_hooks.analysis.detect import DetectionOptions, run_detection
-from sw_hooks.analysis.losses import Loss, as_loss, loss_for
+from sw_hooks.analysis.losses import Loss, as_loss
 from sw_hooks.cli._common import (
     CliError,
     add_model_arguments,
@@ -99,9 +99,7 @@ def _loss(model: torch.nn.Module, tokenizer: object) -> Loss:
     """The loss chosen from the model's class (a causal LM keeps its perplexity); a masked
     LM's mask token comes from the tokenizer."""
     try:
-        if getattr(model, "config", None) is None:
-            return as_loss(model, None)
-        return loss_for(model, mask_token_id=getattr(tokenizer, "mask_token_id", None))
+        return as_loss(model, None, tokenizer=tokenizer)
     except ValueError as error:
         raise CliError(str(error)) from None
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sw_hooks.analysis.losses import Loss, LossFn, as_loss, is_causal, loss_for
+from sw_hooks.analysis.losses import Loss, LossFn, as_loss, is_causal
 from sw_hooks.core.results import DetectionResult, SuperWeight
 from sw_hooks.outputs.report_data import (
     REPORT_BLOCK_SIZES,
@@ -113,7 +113,7 @@ def collect_report(
     from sw_hooks.outputs.compare import check_comparable
 
     options = options or ReportOptions()
-    loss = _report_loss(model, tokenizer, loss_fn)
+    loss = as_loss(model, loss_fn, tokenizer=tokenizer)
     if not is_causal(loss):
         return _collect_non_causal(model, ids, loss, model_name, options, progress, candidate)
     ids = _check_causal_ids(ids)
@@ -177,13 +177,6 @@ def _detect(
         stride=options.stride,
         progress=progress,
     )
-
-
-def _report_loss(model: nn.Module, tokenizer: Any, loss_fn: Loss | LossFn | None) -> Loss:
-    """The loss detection verifies with; a masked LM takes its mask token from the tokenizer."""
-    if loss_fn is not None or getattr(model, "config", None) is None:
-        return as_loss(model, loss_fn)
-    return loss_for(model, mask_token_id=getattr(tokenizer, "mask_token_id", None))
 
 
 def _collect_non_causal(

@@ -29,6 +29,7 @@ that compares against it.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -46,7 +47,7 @@ MIN_COSINE = 1e-3
 impact of 1000 rather than an infinite or negative one."""
 
 
-class Loss:
+class Loss(ABC):
     """A loss with the transform that makes its impact read like a perplexity ratio.
 
     Subclasses implement :meth:`__call__`; those that compare with the unablated model
@@ -57,8 +58,9 @@ class Loss:
     forwards_per_call = 1
     """Forward passes one call runs (for counting verification's cost)."""
 
+    @abstractmethod
     def __call__(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        raise NotImplementedError
+        """The loss of ``model`` on ``batch``: one scalar, lower is better."""
 
     def bind(self, model: nn.Module, batch: Batch) -> LossFn:
         """The loss to measure ``batch`` with; called on the unablated model, before any

@@ -29,7 +29,7 @@ from sw_hooks.outputs.compare import (
     compare_models,
 )
 from sw_hooks.outputs.report import ReportOptions, collect_report, write_report
-from sw_hooks.testing import byte_tokenizer, planted_llama, tiny_model
+from sw_hooks.testing import byte_tokenizer, planted_llama, save_checkpoint, tiny_model
 
 MODULE = "model.layers.1.mlp.down_proj"
 PLANTED = SuperWeight(MODULE, 1, 5, 17, 8.0, verdict="super")
@@ -180,8 +180,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
 def _save(model: nn.Module, folder: Path) -> Path:
-    model.save_pretrained(folder, safe_serialization=True)
-    byte_tokenizer().save_pretrained(folder)
+    save_checkpoint(model, folder)
     return folder
 
 

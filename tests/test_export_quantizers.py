@@ -264,11 +264,10 @@ def test_every_tool_renders_and_an_unknown_one_is_refused(kept) -> None:
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory, planted, result):
     """The planted model as a folder the CLI loads, and its detection result as JSON."""
-    from sw_hooks.testing import byte_tokenizer
+    from sw_hooks.testing import save_checkpoint
 
     folder = tmp_path_factory.mktemp("cli")
-    planted.model.save_pretrained(folder / "model")
-    byte_tokenizer().save_pretrained(folder / "model")
+    save_checkpoint(planted.model, folder / "model")
     result.save(folder / "result.json")
     return folder
 

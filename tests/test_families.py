@@ -155,14 +155,13 @@ def test_cli_detect_verifies_a_saved_encoder_by_its_embeddings(tmp_path):
     import subprocess
     import sys
 
-    from sw_hooks.testing import byte_tokenizer
+    from sw_hooks.testing import save_checkpoint
 
     model = tiny_family("bert", num_layers=3)
     names = list(_locate(model))
     planted = _planted_candidates(model, names)[0]
     folder = tmp_path / "bert"
-    model.save_pretrained(folder)
-    byte_tokenizer().save_pretrained(folder)
+    save_checkpoint(model, folder)
     text = tmp_path / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 8)
     out = tmp_path / "result.json"

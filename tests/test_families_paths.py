@@ -238,12 +238,11 @@ def test_cli_report_on_a_saved_encoder(tmp_path):
     import subprocess
     import sys
 
-    from sw_hooks.testing import byte_tokenizer
+    from sw_hooks.testing import save_checkpoint
 
     model, planted, _ = _planted_model("bert")
     folder = tmp_path / "bert"
-    model.save_pretrained(folder)
-    byte_tokenizer().save_pretrained(folder)
+    save_checkpoint(model, folder)
     text = tmp_path / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 8)
     out = tmp_path / "report"

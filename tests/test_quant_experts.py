@@ -29,7 +29,12 @@ from sw_hooks import (
     save_super_weights,
 )
 from sw_hooks.quant.primitives import quantize_matrices
-from sw_hooks.testing import MOE_ARCHITECTURES, byte_tokenizer, planted_moe, to_expert_list
+from sw_hooks.testing import (
+    MOE_ARCHITECTURES,
+    planted_moe,
+    save_checkpoint,
+    to_expert_list,
+)
 
 FUSED_DOWN = "model.layers.1.mlp.experts.down_proj"
 FUSED_GATE_UP = "model.layers.1.mlp.experts.gate_up_proj"
@@ -208,8 +213,7 @@ def test_activation_holdout_follows_an_expert_super_weight_into_later_layers() -
 
 
 def _save_planted_moe(folder: Path) -> None:
-    planted_moe("mixtral").model.save_pretrained(folder, safe_serialization=True)
-    byte_tokenizer().save_pretrained(folder)
+    save_checkpoint(planted_moe("mixtral").model, folder)
 
 
 def test_cli_quantize_holds_out_an_expert_super_weight(tmp_path: Path) -> None:

@@ -37,9 +37,10 @@ from sw_hooks.testing.planting import (
     plant_super_weight,
     planted_llama,
 )
-from sw_hooks.testing.tiny import ARCHITECTURES, byte_tokenizer, tiny_model
+from sw_hooks.testing.tiny import ARCHITECTURES, byte_tokenizer, save_checkpoint, tiny_model
 
 __all__ = [
+    "save_checkpoint",
     "wire_head",
     "ARCHITECTURES",
     "FAMILIES",

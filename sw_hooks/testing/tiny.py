@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -133,3 +134,12 @@ def byte_tokenizer() -> Any:
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token=alphabet[0], eos_token=alphabet[0]
     )
+
+
+def save_checkpoint(model: nn.Module, folder: str | Path) -> Path:
+    """Save a tiny model as safetensors with :func:`byte_tokenizer` beside it, so that
+    :func:`sw_hooks.models.load_model` and the ``sw-hooks`` command load it like a real one."""
+    folder = Path(folder)
+    model.save_pretrained(folder, safe_serialization=True)
+    byte_tokenizer().save_pretrained(folder)
+    return folder

@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader
 from sw_hooks.cli import main
 from sw_hooks.testing import (
     MOE_ARCHITECTURES,
-    byte_tokenizer,
     planted_moe,
+    save_checkpoint,
     to_expert_list,
 )
 from sw_hooks.training.lightning import SuperWeightGuard, SuperWeightMonitor
@@ -99,8 +99,7 @@ def test_cli_report_shows_expert_weights_and_super_experts(cli_model, tmp_path, 
 
 def test_installed_command_detects_a_saved_moe_checkpoint(tmp_path):
     folder = tmp_path / "moe"
-    planted("mixtral").save_pretrained(folder)
-    byte_tokenizer().save_pretrained(folder)
+    save_checkpoint(planted("mixtral"), folder)
     # The byte tokenizer's ids 1..4 are the characters '"', '#', '$' and '%'.
     text = tmp_path / "text.txt"
     text.write_text("".join(f'"#$%{chr(97 + i % 26)}{chr(65 + i % 26)}' for i in range(40)))

@@ -30,15 +30,13 @@ from sw_hooks.training.monitor import (
     WARNING_KINDS,
     Decision,
     NonFiniteWarning,
-    SpikeTracker,
-    WeightEvent,
 )
-from sw_hooks.training.session import MonitorSession, watch
+from sw_hooks.training.session import MonitorSession, SessionReadouts, watch
 
 __all__ = ["SuperWeightCallback", "watch"]
 
 
-class SuperWeightCallback(TrainerCallback):
+class SuperWeightCallback(SessionReadouts, TrainerCallback):
     """Monitor (and optionally guard) super weights while a Hugging Face ``Trainer`` trains.
 
     Every ``every_n_steps`` optimizer steps it records the down-projections over that
@@ -90,24 +88,6 @@ class SuperWeightCallback(TrainerCallback):
             warn=self._warn_on_main,
             reduce_across_processes=True,
         )
-
-    @property
-    def tracker(self) -> SpikeTracker:
-        return self.session.tracker
-
-    @property
-    def events(self) -> list[WeightEvent]:
-        return self.session.events
-
-    @property
-    def nonfinite_steps(self) -> int:
-        """Recordings skipped because they held a NaN or infinite activation."""
-        return self.session.nonfinite_steps
-
-    @property
-    def last_values(self) -> dict[str, float]:
-        """The scalars of the last recording, as appended to ``state.log_history``."""
-        return self.session.last_values
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None = None, optimizer: Any = None, **kwargs: Any) -> None:  # fmt: skip
         self._model, self._optimizer = model, getattr(optimizer, "optimizer", optimizer)

@@ -301,6 +301,41 @@ class MonitorSession:
             self._metric.reset()
 
 
+class SessionReadouts:
+    """What a monitor adapter shows of its :class:`MonitorSession` (``self.session``): the
+    tracker, its events and weights, the skipped recordings and the last recording's values.
+    The Lightning and Hugging Face callbacks both read through it, so the two say the same."""
+
+    session: MonitorSession
+
+    @property
+    def tracker(self) -> SpikeTracker:
+        return self.session.tracker
+
+    @property
+    def events(self) -> list[WeightEvent]:
+        return self.session.events
+
+    @property
+    def super_weights(self) -> list[SuperWeight]:
+        return self.session.super_weights
+
+    @property
+    def nonfinite_steps(self) -> int:
+        """Recordings skipped because they held a NaN or infinite activation."""
+        return self.session.nonfinite_steps
+
+    @property
+    def last_values(self) -> dict[str, float]:
+        """The scalars of the last recording, as logged."""
+        return self.session.last_values
+
+    @property
+    def last_stats(self) -> dict[str, ChannelStats | ExpertStats]:
+        """The last finite recording, reduced across processes."""
+        return self.session.last_stats
+
+
 class Watch:
     """What :func:`watch` yields: the recorder while inside, the tracker and events after."""
 

@@ -13,22 +13,20 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from sw_hooks.core.access import Coordinate
-from sw_hooks.core.record import LOCATED_CHANNELS, ChannelStats, Locations
+from sw_hooks.core.record import LOCATED_CHANNELS, Locations
 from sw_hooks.core.results import SuperWeight
 from sw_hooks.training.lightning.setup_checks import check_strategy
 from sw_hooks.training.monitor import (
     WARNING_KINDS,
     Decision,
     NonFiniteWarning,
-    SpikeTracker,
-    WeightEvent,
 )
-from sw_hooks.training.session import MonitorSession
+from sw_hooks.training.session import MonitorSession, SessionReadouts
 
 __all__ = ["SuperWeightMonitor", "find_monitor"]
 
 
-class SuperWeightMonitor(Callback):
+class SuperWeightMonitor(SessionReadouts, Callback):
     """Record the down-projections on a schedule, flag super weights, and log what it sees.
 
     Every ``every_n_steps`` training steps (and over each validation epoch) it records the
@@ -109,33 +107,6 @@ class SuperWeightMonitor(Callback):
     @property
     def prefix(self) -> str:
         return self.session.prefix
-
-    @property
-    def tracker(self) -> SpikeTracker:
-        return self.session.tracker
-
-    @property
-    def events(self) -> list[WeightEvent]:
-        return self.session.events
-
-    @property
-    def nonfinite_steps(self) -> int:
-        """Recordings skipped because they held a NaN or infinite activation."""
-        return self.session.nonfinite_steps
-
-    @property
-    def super_weights(self) -> list[SuperWeight]:
-        return self.session.super_weights
-
-    @property
-    def last_values(self) -> dict[str, float]:
-        """The scalars of the last recording, as logged."""
-        return self.session.last_values
-
-    @property
-    def last_stats(self) -> dict[str, ChannelStats]:
-        """The last finite recording, reduced across ranks."""
-        return self.session.last_stats
 
     @property
     def state_key(self) -> str:

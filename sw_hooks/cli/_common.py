@@ -16,6 +16,9 @@ from typing import Any
 
 import torch
 
+PROMPT_TOKENS = 128
+"""Tokens every subcommand records spikes on: the start of the text (or of ``--prompt``)."""
+
 MIN_TOKENS = 2
 
 

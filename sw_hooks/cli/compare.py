@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sw_hooks.cli._common import (
+    PROMPT_TOKENS,
     CliError,
     check_model_arguments,
     first_line,
@@ -27,7 +28,6 @@ from sw_hooks.cli._common import (
 from sw_hooks.cli._paths import check_output_file, write_output
 from sw_hooks.outputs.compare import DEFAULT_LOST_FRACTION
 
-PROMPT_TOKENS = 128
 LOST_EXIT = 1
 
 

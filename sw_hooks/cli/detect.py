@@ -11,6 +11,7 @@ import torch
 from sw_hooks.analysis.detect import DetectionOptions, run_detection
 from sw_hooks.analysis.losses import Loss, as_loss
 from sw_hooks.cli._common import (
+    PROMPT_TOKENS,
     CliError,
     add_model_arguments,
     check_model_arguments,
@@ -22,8 +23,6 @@ from sw_hooks.cli._common import (
 )
 from sw_hooks.cli._paths import check_output_file, write_output
 from sw_hooks.core.results import DetectionResult
-
-PROMPT_TOKENS = 128
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

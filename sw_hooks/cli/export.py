@@ -8,6 +8,7 @@ from typing import Any
 
 from sw_hooks.cli._common import (
     MIN_TOKENS,
+    PROMPT_TOKENS,
     CliError,
     first_line,
     load_model_for_cli,
@@ -19,7 +20,6 @@ from sw_hooks.cli._common import (
 from sw_hooks.cli._paths import check_output_file
 from sw_hooks.export.gguf import KEEP_TYPES, QUANT_TYPES, GgufExport, check_export, export_gguf
 
-PROMPT_TOKENS = 128
 NO_KEEP = "none"
 
 

@@ -289,3 +289,60 @@ def test_guard_attach_takes_back_its_hooks_when_one_optimizer_refuses() -> None:
     with pytest.raises(RuntimeError, match="hooks refused"):
         guarded.attach(good, refusing)
     assert not good._optimizer_step_pre_hooks
+
+
+# -- what a restore-mode guard holds ends on detach ------------------------------------------
+
+
+def _step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    optimizer.zero_grad()
+    model(IDS).logits.pow(2).sum().backward()
+    optimizer.step()
+
+
+def test_restore_guard_attached_again_keeps_the_values_of_that_moment() -> None:
+    """Detach lets go of the remembered value: a weight changed between two attaches stays."""
+    model = tiny_model("llama", num_layers=2)
+    weight = model.get_submodule(DOWN).weight
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    guarded = WeightGuard(model, [SUPER], "restore")
+    with guarded.attach(optimizer):
+        _step(model, optimizer)
+    with torch.no_grad():
+        weight[5, 17] = 3.25  # changed on purpose while unguarded
+    with guarded.attach(optimizer):
+        _step(model, optimizer)
+    assert float(weight.detach()[5, 17]) == 3.25
+
+
+def test_restore_guard_detached_leaves_the_model_free_to_be_collected() -> None:
+    import gc
+    import weakref
+
+    model = tiny_model("llama", num_layers=2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with WeightGuard(model, [SUPER], "restore").attach(optimizer):
+        _step(model, optimizer)
+    parameter = weakref.ref(model.get_submodule(DOWN).weight)
+    del model, optimizer
+    gc.collect()
+    assert parameter() is None
+
+
+def test_restore_guard_that_fails_to_attach_holds_nothing() -> None:
+    model = tiny_model("llama", num_layers=2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def refuse(*args: object, **kwargs: object):
+        raise RuntimeError("hooks refused")
+
+    optimizer.register_step_post_hook = refuse
+    guarded = WeightGuard(model, [SUPER], "restore")
+    with pytest.raises(RuntimeError, match="hooks refused"):
+        guarded.attach(optimizer)
+    with torch.no_grad():
+        model.get_submodule(DOWN).weight[5, 17] = 3.25
+    good = torch.optim.SGD(model.parameters(), lr=0.1)
+    with guarded.attach(good):
+        _step(model, good)
+    assert float(model.get_submodule(DOWN).weight.detach()[5, 17]) == 3.25

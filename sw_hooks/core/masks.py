@@ -91,6 +91,17 @@ class _ActiveHolds:
             if not stack:
                 del self._stacks[hold.element]
 
+    def forget(self, hold: _Hold) -> None:
+        """Drop ``hold`` without writing: for a hold that writes nothing (``preserve``).
+
+        The holds above it found the value it left unchanged, so their originals stand.
+        """
+        with self._lock:
+            stack = self._stacks.get(hold.element, [])
+            stack[:] = [held for held in stack if held is not hold]
+            if not stack:
+                self._stacks.pop(hold.element, None)
+
 
 def _replay(
     base: torch.Tensor | None, holds: Sequence[_Hold]
@@ -155,6 +166,17 @@ class WeightMask:
         while self._saved:
             _ACTIVE.release(self._saved[-1])
             self._saved.pop()
+
+    def forget(self) -> None:
+        """End a mask that writes nothing, leaving every weight as it is now (idempotent).
+
+        ``restore`` would write the remembered values back; a guard that stops guarding
+        leaves the weights alone but must not stay registered as holding them.
+        """
+        if self._transform is not None:
+            raise RuntimeError("only a mask that writes nothing (preserve) can be forgotten")
+        while self._saved:
+            _ACTIVE.forget(self._saved.pop())
 
     def write_back(self) -> None:
         """Rewrite the remembered originals without ending the mask (undo edits made inside)."""

@@ -98,8 +98,18 @@ class WeightGuard:
         """
         for optimizer in optimizers:
             self.check(optimizer)
-        if self.mode == "restore" and self._saved is None:
+        remembering = self.mode == "restore" and self._saved is None
+        if remembering:
             self._saved = preserve(self._model, self._weights).apply()
+        try:
+            self._hook_steps(optimizers, freeze_before_step)
+        except BaseException:
+            if remembering:  # hooks of an earlier attach stay, and so does its hold
+                self._let_go()
+            raise
+        return self
+
+    def _hook_steps(self, optimizers: tuple[Optimizer, ...], freeze_before_step: bool) -> None:
         with self._hooks.registering():
             for optimizer in optimizers:
                 if self.mode == "restore":
@@ -108,7 +118,6 @@ class WeightGuard:
                     self._hooks.add(
                         optimizer.register_step_pre_hook(lambda opt, *_: self.mask_gradients(opt))
                     )
-        return self
 
     def check(self, optimizer: Optimizer) -> None:
         """Raise ``ValueError`` if ``freeze`` cannot hold against this optimizer."""
@@ -132,8 +141,19 @@ class WeightGuard:
             self._saved.write_back()
 
     def detach(self) -> None:
-        """Remove the optimizer hooks (newest first); the weights are left as they are."""
+        """Remove the optimizer hooks (newest first); the weights are left as they are.
+
+        ``restore`` mode also lets go of the values it remembered, so the model's weights
+        are no longer held (masks applied later stack on a clean registry, the model can be
+        freed) and attaching again remembers the values of that moment.
+        """
         self._hooks.remove()
+        self._let_go()
+
+    def _let_go(self) -> None:
+        if self._saved is not None:
+            self._saved.forget()
+            self._saved = None
 
     def __enter__(self) -> WeightGuard:
         return self

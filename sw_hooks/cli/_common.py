@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from sw_hooks.core.devices import execution_device
+
 PROMPT_TOKENS = 128
 """Tokens every subcommand records spikes on: the start of the text (or of ``--prompt``)."""
 
@@ -53,6 +55,50 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="convert a GGUF model afresh instead of reading its cached copy "
         "(SW_HOOKS_NO_CACHE=1 does the same; SW_HOOKS_CACHE_DIR moves the cache)",
     )
+    add_placement_arguments(parser)
+
+
+def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the model loads and in which dtype (:mod:`sw_hooks.placement`)."""
+    from sw_hooks.placement import DEVICE_CHOICES, DEVICE_MAPS, DTYPE_CHOICES
+
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help=f"{', '.join(DEVICE_CHOICES)}; auto: CUDA, else MPS, else the CPU (default: auto)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPE_CHOICES,
+        help="auto: the checkpoint's own (float32 for GGUF, which dequantizes in float32); "
+        "the loss and the recorded maxima are computed in float32 whatever it is (default: auto)",
+    )
+    parser.add_argument(
+        "--device-map",
+        default=None,
+        choices=DEVICE_MAPS,
+        help="spread the model over GPUs, CPU and disk with accelerate instead of one --device",
+    )
+    parser.add_argument(
+        "--offload-folder",
+        type=Path,
+        default=None,
+        help="where --device-map may put weights that fit nowhere else",
+    )
+
+
+def check_placement_arguments(args: argparse.Namespace) -> None:
+    """Refuse a device this machine lacks, or options that contradict, before any loading."""
+    from sw_hooks.cli._paths import check_output_folder
+    from sw_hooks.placement import placement
+
+    try:
+        placement(args.device, args.dtype, args.device_map, args.offload_folder)
+    except ValueError as error:
+        raise CliError(first_line(error)) from None
+    if args.offload_folder is not None:
+        check_output_folder(args.offload_folder, "--offload-folder", ())
 
 
 def check_model_arguments(args: argparse.Namespace) -> None:
@@ -61,6 +107,7 @@ def check_model_arguments(args: argparse.Namespace) -> None:
         raise CliError(f"--max-tokens must be at least {MIN_TOKENS}, got {args.max_tokens}")
     if args.gguf is not None and args.model is None:
         raise CliError("--gguf names a file inside a MODEL folder; give that folder as MODEL")
+    check_placement_arguments(args)
 
 
 def progress(message: str, *, quiet: bool = False) -> None:
@@ -87,10 +134,29 @@ def load_model_for_cli(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, 
         if args.quiet:
             _hide_transformers_progress()
         with step(f"loading {name}", quiet=args.quiet):
-            model, tokenizer = load_model(args.model, gguf_file=args.gguf, cache=not args.no_cache)
+            model, tokenizer = load_model(
+                args.model,
+                gguf_file=args.gguf,
+                device=args.device,
+                dtype=args.dtype,
+                device_map=args.device_map,
+                offload_folder=args.offload_folder,
+                cache=not args.no_cache,
+            )
     except (ValueError, TypeError, OSError) as error:
         raise CliError(first_line(error)) from None
+    progress(f"{name}: {_dtype_name(model)} on {execution_device(model)}", quiet=args.quiet)
     return model, tokenizer, name
+
+
+def _dtype_name(model: torch.nn.Module) -> str:
+    dtype = getattr(model, "dtype", None)
+    return str(dtype).removeprefix("torch.") if dtype is not None else "unknown dtype"
+
+
+def with_model(args: argparse.Namespace, spec: str | None) -> argparse.Namespace:
+    """``args`` for loading another model (``compare``'s, ``report --candidate``'s) in the same way."""
+    return argparse.Namespace(**{**vars(args), "model": spec, "gguf": None})
 
 
 def _hide_transformers_progress() -> None:

@@ -17,6 +17,7 @@ from typing import Any
 from sw_hooks.cli._common import (
     PROMPT_TOKENS,
     CliError,
+    add_placement_arguments,
     check_model_arguments,
     first_line,
     load_model_for_cli,
@@ -24,6 +25,7 @@ from sw_hooks.cli._common import (
     read_text,
     step,
     token_ids,
+    with_model,
 )
 from sw_hooks.cli._paths import check_output_file, write_output
 from sw_hooks.outputs.compare import DEFAULT_LOST_FRACTION
@@ -81,6 +83,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--no-cache", action="store_true", help="convert GGUF models afresh instead of the cache"
     )
+    add_placement_arguments(parser)
     parser.set_defaults(func=run, gguf=None)
 
 
@@ -117,8 +120,7 @@ def _followed(weights: list[Any]) -> list[Any]:
 
 
 def _load(args: argparse.Namespace, spec: str) -> tuple[Any, Any, str]:
-    one = argparse.Namespace(model=spec, gguf=None, quiet=args.quiet, no_cache=args.no_cache)
-    return load_model_for_cli(one)
+    return load_model_for_cli(with_model(args, spec))
 
 
 def _detected(args: argparse.Namespace, model: Any, ids: Any, calibration: Any) -> list[Any]:

@@ -10,6 +10,8 @@ from sw_hooks.cli._common import (
     MIN_TOKENS,
     PROMPT_TOKENS,
     CliError,
+    add_placement_arguments,
+    check_placement_arguments,
     first_line,
     load_model_for_cli,
     progress,
@@ -80,6 +82,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--no-cache", action="store_true", help="convert the model afresh to detect on it"
     )
+    add_placement_arguments(parser)
     # The model is always a file here: no folder, so no file name inside one.
     parser.set_defaults(func=run, gguf=None)
 
@@ -89,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
     keep = _keep(args.keep)
     if args.max_tokens < MIN_TOKENS:
         raise CliError(f"--max-tokens must be at least {MIN_TOKENS}, got {args.max_tokens}")
+    check_placement_arguments(args)
     check_output_file(args.gguf_out, "--gguf")
     check_output_file(args.manifest, "--manifest")
     given = _read_super_weights(args.super_weights) if args.super_weights else None

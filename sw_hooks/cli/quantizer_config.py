@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sw_hooks.cli._common import CliError, first_line, load_model_for_cli, progress
+from sw_hooks.cli._common import (
+    CliError,
+    add_placement_arguments,
+    check_placement_arguments,
+    first_line,
+    load_model_for_cli,
+    progress,
+)
 from sw_hooks.cli._paths import check_output_file, write_output
 from sw_hooks.core.results import DetectionResult
 from sw_hooks.export.quantizers import HF_METHODS, TOOLS, KeptModules, kept_modules, render
@@ -62,6 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--no-cache", action="store_true", help="convert a GGUF --model afresh (see detect --help)"
     )
+    add_placement_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -98,6 +106,7 @@ def _check_options(args: argparse.Namespace) -> None:
     if args.tool == "llama.cpp" and args.arch is None:
         options["architecture"] = "llama"  # a stand-in: the model's own is known once it loads
     render(_PROBE, args.tool, **options)
+    check_placement_arguments(args)
 
 
 def run(args: argparse.Namespace) -> int:

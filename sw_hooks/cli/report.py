@@ -16,6 +16,7 @@ from sw_hooks.cli._common import (
     read_text,
     step,
     token_ids,
+    with_model,
 )
 from sw_hooks.cli._paths import check_output_folder
 from sw_hooks.outputs.report import REPORT_BLOCK_SIZES, REPORT_CLIP
@@ -136,10 +137,7 @@ def _check_candidate(spec: str | None) -> None:
 def _load_candidate(args: argparse.Namespace) -> tuple[Any, str | None]:
     if args.candidate is None:
         return None, None
-    one = argparse.Namespace(
-        model=args.candidate, gguf=None, quiet=args.quiet, no_cache=args.no_cache
-    )
-    candidate, _, name = load_model_for_cli(one)
+    candidate, _, name = load_model_for_cli(with_model(args, args.candidate))
     return candidate, name
 
 

@@ -30,6 +30,16 @@ NEVER_LOADED = "/nonexistent/sw-hooks-model-never-loaded.gguf"
 SUBCOMMANDS = ("detect", "quantize", "report", "compare", "export", "quantizer-config")
 TIMEOUT_S = 240
 
+# Each command that loads a model, with a model that is never loaded.
+MODEL_ARGV: list[list[str]] = [
+    ["detect", "{never}"],
+    ["quantize", "{never}"],
+    ["report", "{never}", "--out", "{tmp}/report"],
+    ["compare", "{never}", "{never}"],
+    ["export", "{never}", "--gguf", "{tmp}/out.gguf"],
+    ["quantizer-config", "{inputs}/missing.json", "--tool", "hf", "--model", "{never}"],
+]
+
 # (argv, the text the one stderr line must contain). {tmp}: the test's tmp_path (holding only
 # what _prepare_tmp puts there); {inputs}: the module's input files (the inputs fixture);
 # {never}: NEVER_LOADED, the model of every row that tests an argument.
@@ -135,6 +145,38 @@ ROWS: list[tuple[list[str], str]] = [
         "cannot read --history {inputs}/words.csv",
     ),
     (["report"], "the following arguments are required: --out"),
+    # --device, --dtype, --device-map, --offload-folder: every command that loads a model
+    *[
+        (
+            [*argv, "--device", "tpu"],
+            "device must be one of auto, cpu, cuda, cuda:N, mps, got 'tpu'",
+        )
+        for argv in MODEL_ARGV
+    ],
+    *[([*argv, "--device", "cuda:99"], "device cuda:99: this machine has") for argv in MODEL_ARGV],
+    *[
+        ([*argv, "--dtype", "int8"], "argument --dtype: invalid choice: 'int8'")
+        for argv in MODEL_ARGV
+    ],
+    *[
+        ([*argv, "--device-map", "everywhere"], "argument --device-map: invalid choice")
+        for argv in MODEL_ARGV
+    ],
+    *[
+        (
+            [*argv, "--offload-folder", "{tmp}/offload"],
+            "an offload folder is used with a device map",
+        )
+        for argv in MODEL_ARGV
+    ],
+    *[
+        ([*argv, "--device", "cpu", "--device-map", "auto"], "give a device (cpu) or a device map")
+        for argv in MODEL_ARGV
+    ],
+    (
+        ["detect", "{never}", "--device-map", "auto", "--offload-folder", "{tmp}/a-file"],
+        "offload folder {tmp}/a-file exists and is not a folder",
+    ),
     # the model itself: each is refused before any weight is read
     (["detect", "{inputs}/missing-model"], "no such model path: {inputs}/missing-model"),
     (["quantize", "{inputs}/missing.gguf"], "no such GGUF file: {inputs}/missing.gguf"),
@@ -453,8 +495,9 @@ def test_bad_input_is_one_line_and_exit_2(index: int, table: list[dict], inputs:
         (["detect", "{never}", "--json", "{tmp}/missing/out.json"], "does not exist"),
         (["quantize", "{inputs}/no-down-projection", "--quiet"], "no MLP down-projection"),
         (["report", "{never}", "--out", "{tmp}/a-file"], "is not a folder"),
+        (["detect", "{never}", "--device", "cuda:99"], "device cuda:99: this machine has"),
     ],
-    ids=["detect", "quantize", "report"],
+    ids=["detect", "quantize", "report", "detect-device"],
 )
 def test_the_installed_command_says_it_in_one_line(
     argv: list[str], message: str, tmp_path: Path, inputs: Path

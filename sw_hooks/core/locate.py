@@ -19,6 +19,7 @@ from torch import nn
 
 from sw_hooks.core.structure import (
     ExampleInput,
+    ExampleInputNeeded,
     check_example_input,
     find_output_projections,
     is_linear_like,
@@ -136,7 +137,9 @@ def find_down_projections(
         TypeError: ``model`` is not an ``nn.Module``, or ``pattern`` / ``example_input`` is
             of the wrong type.
         ValueError: nothing matched or was found by structure; the message lists the
-            Linear-like modules seen.
+            Linear-like modules seen. It is an
+            :class:`~sw_hooks.core.structure.ExampleInputNeeded` when only an example
+            input was missing for the structural trace.
 
     Example:
         >>> from sw_hooks.testing import tiny_model
@@ -197,20 +200,32 @@ def _by_structure(
         if experts
         else ""
     )
+    if _linear_count(model) < 2:  # no trace can find an MLP in it: say so now, not on a call
+        _raise_nothing_found(
+            model, "of a known architecture", f" None by structure: fewer than two linears.{hint}"
+        )
     try:
         names = [n for n in find_output_projections(model, example_input) if _outside(experts, n)]
     except ValueError as error:
         reason = str(error).splitlines()[0].rstrip(".")
-        _raise_nothing_found(
-            model, "of a known architecture", f" None by structure: {reason}.{hint}"
-        )
+        tail = f" None by structure: {reason}.{hint}"
+        # Told apart so that record() can trace the model's first call instead.
+        needed = isinstance(error, ExampleInputNeeded)
+        _raise_nothing_found(model, "of a known architecture", tail, needed)
     if not names:
         _raise_nothing_found(model, "of a known architecture", f" None by structure either.{hint}")
     return DownProjections([(n, model.get_submodule(n)) for n in names], "structure")
 
 
-def _raise_nothing_found(model: nn.Module, where: str, tail: str) -> NoReturn:
-    raise ValueError(
+def _linear_count(model: nn.Module) -> int:
+    return sum(1 for m in model.modules() if is_linear_like(m) and not isinstance(m, nn.Embedding))
+
+
+def _raise_nothing_found(
+    model: nn.Module, where: str, tail: str, input_needed: bool = False
+) -> NoReturn:
+    error = ExampleInputNeeded if input_needed else ValueError
+    raise error(
         f"no MLP down-projection {where} in {type(model).__name__}; "
         f"{_describe_linear_modules(model)}. Pass pattern= to name them.{tail}"
     )

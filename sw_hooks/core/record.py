@@ -10,6 +10,7 @@ layout (:mod:`sw_hooks.core.expert_record`). What it yields is ``{Unit: ChannelS
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -18,6 +19,7 @@ from torch import nn
 
 from sw_hooks.core.expert_record import ExpertTaps
 from sw_hooks.core.experts import ExpertsModule, find_experts
+from sw_hooks.core.first_call import FirstCallLocator
 from sw_hooks.core.hooks import HookSet
 from sw_hooks.core.locate import find_down_projections
 from sw_hooks.core.maxima import (  # noqa: F401  (re-exported: the recorder's vocabulary)
@@ -34,6 +36,7 @@ from sw_hooks.core.maxima import (  # noqa: F401  (re-exported: the recorder's v
     stats_from_state_dict,
     stats_to_state_dict,
 )
+from sw_hooks.core.structure import ExampleInputNeeded
 from sw_hooks.core.token_masks import TokenMasks, mask_receivers, token_mask  # noqa: F401
 from sw_hooks.core.units import Unit
 
@@ -79,11 +82,17 @@ class Recorder:
             raise TypeError(f"record() needs a torch.nn.Module, got {type(model).__name__}")
         if not (inputs or outputs):
             raise ValueError("record(): nothing to record with inputs=False and outputs=False")
-        selected, found_experts = select_units(model, modules, experts)
+        _located_count(locations, 1)  # a bad value is refused before any hook exists
+        try:
+            selected, found_experts = select_units(model, modules, experts)
+            on_first_call = False
+        except ExampleInputNeeded:  # found by structure on the first call (first_call.py)
+            selected, found_experts, on_first_call = {}, {}, True
         _check_not_meta(selected)
         self.module_names: tuple[str, ...] = tuple(selected)
         self.experts: dict[str, ExpertsModule] = found_experts
-        _located_count(locations, 1)  # a bad value is refused before any hook exists
+        # Weakly: a recorder kept for its stats must not keep the model alive.
+        self._model, self._use_attention_mask = weakref.ref(model), use_attention_mask
         self._inputs, self._outputs, self._locations = inputs, outputs, locations
         self._masks = TokenMasks()
         self._stats: dict[str, ChannelStats] = {}
@@ -99,8 +108,38 @@ class Recorder:
                 self._taps.attach(model, self._hooks)
             if use_attention_mask:
                 self._masks.attach(model, recorded, self._hooks)
+        self._locator = FirstCallLocator(model, self._install) if on_first_call else None
+
+    @property
+    def modules(self) -> dict[str, nn.Module]:
+        """``{name: module}`` of the dense modules recorded: for a model whose
+        down-projections are found on its first call, empty until that call."""
+        model = self._model()
+        if model is None:
+            return {}
+        return {name: model.get_submodule(name) for name in self.module_names}
 
     # -- hooks ---------------------------------------------------------------------------
+    def _install(
+        self,
+        found: dict[str, nn.Module],
+        called: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        """Hook the projections found on a call under way, before its forward goes on."""
+        self.module_names += tuple(found)
+        with self._hooks.registering():
+            for name, module in found.items():
+                self._hooks.forward(module, self._fold_hook(name))
+            if self._use_attention_mask:
+                model = self._model()  # alive: it is being called
+                root = model if model is not None else called
+                receivers = self._masks.attach(root, found.values(), self._hooks)
+                if any(receiver is called for receiver in receivers):
+                    # Its entry hook was added too late for this call: push its mask now.
+                    self._masks.enter(called, args, kwargs)
+
     def _fold_hook(self, name: str):
         def fold(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             self._fold(name, _first_tensor(args), _first_tensor(output))
@@ -180,6 +219,9 @@ class Recorder:
     # -- lifetime ------------------------------------------------------------------------
     def remove(self) -> None:
         """Remove every hook, newest first. Safe to call twice."""
+        if self._locator is not None:
+            self._locator.remove()
+            self._locator = None
         self._hooks.remove()
         self._masks.clear()
         self._taps.clear()
@@ -210,7 +252,11 @@ def record(
         model: any ``nn.Module``.
         modules: which modules to hook: ``None`` for the down-projections
             (:func:`~sw_hooks.core.locate.find_down_projections`), a glob or compiled regex,
-            a list of module names, or a ``{name: module}`` mapping.
+            a list of module names, or a ``{name: module}`` mapping. A model with no known
+            module names and no Hugging Face config (a hand-written one) has them found
+            by structure on its first call, from that call's own input
+            (:mod:`sw_hooks.core.first_call`): ``with record(net): net(x)`` records that
+            call too; a model where none are found raises from that call.
         inputs, outputs: which side(s) to record.
         use_attention_mask: ignore padded tokens, taking the 2-D ``attention_mask=``
             from the model's call or from the innermost module on the way to the recorded

@@ -41,7 +41,22 @@ from torch.utils._pytree import tree_flatten
 from sw_hooks.core.devices import execution_device
 from sw_hooks.core.hooks import HookSet
 
-ExampleInput = torch.Tensor | tuple[Any, ...] | list[Any] | Mapping[str, Any]
+
+@dataclass(frozen=True)
+class CallArguments:
+    """A forward call's positional and keyword arguments together, as an example input."""
+
+    args: tuple[Any, ...]
+    kwargs: Mapping[str, Any]
+
+
+ExampleInput = torch.Tensor | tuple[Any, ...] | list[Any] | Mapping[str, Any] | CallArguments
+
+
+class ExampleInputNeeded(ValueError):
+    """No example input could be built for a structural trace: the caller must give one
+    (or, for :func:`~sw_hooks.core.record.record`, the model's first call is traced)."""
+
 
 # aten operations that move or re-view values without changing them.
 _RESHAPES = frozenset(
@@ -245,6 +260,8 @@ def _call(model: nn.Module, example: ExampleInput) -> None:
         model(example)
     elif isinstance(example, Mapping):
         model(**example)
+    elif isinstance(example, CallArguments):
+        model(*example.args, **example.kwargs)
     else:
         model(*example)
 
@@ -320,7 +337,7 @@ def example_input(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     config = getattr(model, "config", None)
     if config is None:
-        raise ValueError(
+        raise ExampleInputNeeded(
             f"cannot build an example input for {type(model).__name__}: it has no Hugging "
             "Face config; pass example_input= (a tensor, a tuple of arguments or a dict)"
         )
@@ -336,7 +353,7 @@ def example_input(model: nn.Module) -> dict[str, torch.Tensor]:
         frames = 2 * config.max_source_positions
         inputs["input_features"] = _noise((1, config.num_mel_bins, frames), dtype, device)
     else:
-        raise ValueError(
+        raise ExampleInputNeeded(
             f"cannot build an example input for {type(model).__name__} (main input "
             f"{main!r}); pass example_input= (a tensor, a tuple of arguments or a dict)"
         )
@@ -347,7 +364,8 @@ def example_input(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def check_example_input(example: object) -> None:
     """Refuse an ``example_input`` that is not a tensor, an argument tuple/list or a dict."""
-    if example is not None and not isinstance(example, torch.Tensor | tuple | list | Mapping):
+    accepted = torch.Tensor | tuple | list | Mapping | CallArguments
+    if example is not None and not isinstance(example, accepted):
         raise TypeError(
             "example_input must be a tensor, a tuple of arguments or a dict of keyword "
             f"arguments, got {type(example).__name__}"
@@ -371,7 +389,8 @@ def find_output_projections(model: nn.Module, example: ExampleInput | None = Non
 
     Raises:
         TypeError: ``example`` is of a type the model cannot be called with.
-        ValueError: no example input could be built, or the traced forward failed.
+        ExampleInputNeeded: no example input could be built (a ``ValueError``).
+        ValueError: the traced forward failed.
 
     Example:
         >>> from sw_hooks.testing import tiny_model

@@ -37,23 +37,28 @@ class TokenMasks:
         model: nn.Module,
         recorded: Iterable[nn.Module],
         hooks: HookSet,
-    ) -> None:
-        """Hook the mask receivers of ``model`` on the way to ``recorded``, into ``hooks``."""
+    ) -> list[nn.Module]:
+        """Hook the mask receivers of ``model`` on the way to ``recorded``, into ``hooks``;
+        returns them."""
         # Eager under torch.compile, like the recorder's own bookkeeping.
-        enter, leave = torch.compiler.disable(self._enter), torch.compiler.disable(self._leave)
-        for module in mask_receivers(model, recorded):
+        enter, leave = torch.compiler.disable(self.enter), torch.compiler.disable(self._leave)
+        receivers = mask_receivers(model, recorded)
+        for module in receivers:
             hooks.pre(module, enter, with_kwargs=True)
             hooks.forward(module, leave, with_kwargs=True, always_call=True)
+        return receivers
 
     def clear(self) -> None:
         self._stack.clear()
 
-    def _enter(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def enter(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Push the mask of ``module``'s call (the entry hook; or by hand, for a call already
+        under way when the hooks were added)."""
         given = token_mask(args, kwargs)
         self._stack.append((id(module), given if given is not None else self.current))
 
     def _leave(self, module: nn.Module, args: Any, kwargs: Any, output: Any = None) -> None:
-        # always_call runs this even when an earlier pre-hook failed and _enter never did.
+        # always_call runs this even when an earlier pre-hook failed and enter never did.
         if self._stack and self._stack[-1][0] == id(module):
             self._stack.pop()
 

@@ -25,6 +25,7 @@ from sw_hooks.core.experts import ExpertsModule
 from sw_hooks.core.maxima import ExpertStats
 from sw_hooks.core.record import LOCATED_CHANNELS, ChannelStats, Locations, Recorder, select_units
 from sw_hooks.core.results import SuperWeight
+from sw_hooks.core.structure import ExampleInputNeeded
 from sw_hooks.core.units import Unit
 from sw_hooks.training.metrics import ChannelMax
 from sw_hooks.training.monitor import (
@@ -118,7 +119,7 @@ class MonitorSession:
         self._reduce_across = reduce_across_processes
         self._process_group = process_group
         self._model: nn.Module | None = None
-        self._modules: dict[str, nn.Module] = {}
+        self._modules: dict[str, nn.Module] | None = {}  # None: found on the first call
         self._experts: dict[str, ExpertsModule] = {}
         self._metric: ChannelMax | None = None
         self._recorder: Recorder | None = None
@@ -161,15 +162,19 @@ class MonitorSession:
         """Choose the modules to record in ``model`` and name known weights inside it.
 
         Raises ``ValueError`` (no down-projections, a known weight's module not found)
-        before anything is attached. Binding again (a second ``fit``) starts afresh,
-        keeping the history.
+        before anything is attached. A model with no known module names and no Hugging
+        Face config has its down-projections found by structure on the first recorded
+        call instead (:mod:`sw_hooks.core.first_call`). Binding again (a second ``fit``)
+        starts afresh, keeping the history.
         """
         self.stop()
-        modules, experts = select_units(model, self._pattern, None)
+        try:
+            modules, experts = select_units(model, self._pattern, None)
+        except ExampleInputNeeded:  # a hand-written model: found on its first recorded call
+            modules, experts = None, {}
         self.tracker.qualify(model)
         self._model, self._modules, self._experts = model, modules, experts
-        # The metric moves to the recorded activations' device at its first update.
-        self._metric = self._make_metric(model) if self._reduce_across else None
+        self._metric = None  # made at the first reduction, once the modules are known
         return self
 
     def due(self, step: int) -> bool:
@@ -191,6 +196,8 @@ class MonitorSession:
         if self._recorder is None:
             return {}
         stats = self._recorder.all_stats
+        if self._modules is None and self._recorder.module_names:
+            self._modules = self._recorder.modules  # later recordings hook them directly
         self._recorder.remove()
         self._recorder.reset()
         self._recorder = None
@@ -273,7 +280,7 @@ class MonitorSession:
     def _make_metric(self, model: nn.Module) -> ChannelMax:
         return ChannelMax.for_units(
             model,
-            self._modules,
+            self._modules or {},
             self._experts,
             sync_on_compute=True,
             process_group=self._process_group,
@@ -292,8 +299,11 @@ class MonitorSession:
         self, stats: Mapping[str, ChannelStats | ExpertStats]
     ) -> dict[str, ChannelStats | ExpertStats]:
         """Max over every process (a no-op on one), so all of them decide alike."""
-        if self._metric is None:
+        if not self._reduce_across:
             return dict(stats)
+        if self._metric is None:
+            # It moves to the recorded activations' device at its first update.
+            self._metric = self._make_metric(self._bound_model())
         self._metric.update(stats)
         try:
             return self._metric.compute_stats()

@@ -1,7 +1,11 @@
 """GPU check: recorder overhead (eager and compiled), detection time and peak-memory delta.
 
 A Llama-7B-shaped model (hidden 4096, intermediate 11008, 32 layers) with random bf16
-weights, built directly on the device. Prints a table and writes the figures as JSON.
+weights, built directly on the device, with one super weight planted (layer 1, ``[5, 17]``,
+triggered by token 1) so the figures also say whether the timed runs gave the right answers:
+``detected`` is the first candidate detection names, ``compiled_recorded_max_rel_diff`` how far
+the compiled model's recorded maxima lie from the eager model's. Prints a table and writes
+the figures as JSON.
 
     python benchmarks/gpu_check.py                      # CUDA, 7B shape, a few minutes
     python benchmarks/gpu_check.py --device cpu --small # the same script on a tiny shape
@@ -18,7 +22,12 @@ from pathlib import Path
 import torch
 
 from sw_hooks.analysis.detect import run_detection
-from sw_hooks.core.record import record
+from sw_hooks.core.record import Recorder, record
+from sw_hooks.testing import plant_super_weight
+
+PLANTED = (1, 5, 17)
+"""Layer, row and column of the planted super weight."""
+TRIGGER_TOKEN = 1
 
 SHAPES = {
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -34,7 +43,29 @@ def build(shape: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
     config = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096)
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype)
+    layer, row, col = PLANTED
+    plant_super_weight(model, layer, row, col, trigger_token=TRIGGER_TOKEN, target_token=2)
     return model.eval()
+
+
+def prompt_ids(shape: str, batch: int, tokens: int, device: str) -> torch.Tensor:
+    """Random tokens with the trigger at position 3 of every row (nowhere else)."""
+    ids = torch.randint(16, SHAPES[shape]["vocab_size"], (batch, tokens), device=device)
+    ids[:, min(3, tokens - 1)] = TRIGGER_TOKEN
+    return ids
+
+
+def max_rel_diff(a: Recorder, b: Recorder) -> float:
+    """The largest relative difference of two recorders' per-channel input and output maxima."""
+    worst = 0.0
+    for name, stats in a.stats.items():
+        other = b.stats[name]
+        for mine, theirs in ((stats.input, other.input), (stats.output, other.output)):
+            if mine is None or theirs is None:
+                continue
+            scale = mine.abs_max.abs().max().clamp_min(1e-12)
+            worst = max(worst, float((mine.abs_max - theirs.abs_max).abs().max() / scale))
+    return worst
 
 
 def _sync(device: str) -> None:
@@ -69,9 +100,7 @@ def peak_bytes(fn: Callable[[], object], device: str) -> int | None:
 def check(args: argparse.Namespace) -> dict[str, object]:
     shape = "small" if args.small else "7b"
     model = build(shape, args.device, torch.bfloat16)
-    ids = torch.randint(
-        0, SHAPES[shape]["vocab_size"], (args.batch, args.tokens), device=args.device
-    )
+    ids = prompt_ids(shape, args.batch, args.tokens, args.device)
 
     def forward(net: torch.nn.Module) -> Callable[[], object]:
         def run() -> object:
@@ -84,7 +113,7 @@ def check(args: argparse.Namespace) -> dict[str, object]:
                                   "batch": args.batch, "tokens": args.tokens}  # fmt: skip
     eager = timed(forward(model), args.device, args.repeats)
     peak_plain = peak_bytes(forward(model), args.device)
-    with record(model):
+    with record(model) as eager_recorder:
         eager_recorded = timed(forward(model), args.device, args.repeats)
         peak_recorded = peak_bytes(forward(model), args.device)
     figures |= {"eager_s": eager, "eager_recorded_s": eager_recorded,
@@ -101,6 +130,7 @@ def check(args: argparse.Namespace) -> dict[str, object]:
     assert recorder.stats, "the compiled model ran without the recorder's hooks"
     figures |= {"compiled_s": plain_compiled, "compiled_recorded_s": compiled_recorded,
                 "compiled_overhead_ratio": compiled_recorded / plain_compiled,
+                "compiled_recorded_max_rel_diff": max_rel_diff(eager_recorder, recorder),
                 "backend": args.backend}  # fmt: skip
     torch.compiler.reset()
 
@@ -108,8 +138,11 @@ def check(args: argparse.Namespace) -> dict[str, object]:
     start = time.perf_counter()
     result = run_detection(model, ids[:1], verify_impact=False)
     _sync(args.device)
+    first = result.super_weights[0] if result.super_weights else None
     figures |= {"detection_s": time.perf_counter() - start,
-                "candidates": len(result.super_weights)}  # fmt: skip
+                "candidates": len(result.super_weights),
+                "planted": list(PLANTED),
+                "detected": None if first is None else [first.layer, first.row, first.col]}  # fmt: skip
     return figures
 
 

@@ -6,8 +6,10 @@ The planted model's one verified super weight is ``model.layers.1.mlp.down_proj[
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
+import subprocess
 import sys
 import types
 
@@ -17,6 +19,7 @@ import yaml
 from torch import nn
 
 from sw_hooks.analysis.detect import run_detection
+from sw_hooks.cli._noise import is_known_import_noise, silence_known_import_noise
 from sw_hooks.core.results import DetectionResult, SuperWeight
 from sw_hooks.export.quantizers import (
     HF_METHODS,
@@ -116,6 +119,39 @@ def test_llm_compressor_yaml_is_the_recipe_with_the_cost_on_top(kept) -> None:
 
 
 # -- torchao ---------------------------------------------------------------------------------
+# torchao is a dev dependency, so these tests run in CI rather than skip.
+_IMPORT_LOGGED = """
+import json, logging, warnings
+seen = []
+class Keep(logging.Handler):
+    def emit(self, record):
+        seen.append([record.name, record.getMessage()])
+for name in ("", "torch"):  # torch's loggers do not propagate to the root
+    logging.getLogger(name).addHandler(Keep(logging.WARNING))
+logging.getLogger().setLevel(logging.DEBUG)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import torchao.quantization
+seen += [["warnings", str(w.message)] for w in caught]
+print(json.dumps(seen))
+"""
+
+
+@pytest.fixture(scope="module")
+def torchao_quantization() -> types.ModuleType:
+    silence_known_import_noise()
+    return importlib.import_module("torchao.quantization")
+
+
+def test_torchao_import_says_nothing_but_the_noise_the_cli_silences() -> None:
+    """A fresh interpreter: a new message at import (a failed kernel, a torch mismatch) shows."""
+    done = subprocess.run(
+        [sys.executable, "-c", _IMPORT_LOGGED], capture_output=True, text=True, check=True
+    )
+    said = json.loads(done.stdout.splitlines()[-1])
+    assert [m for m in said if not is_known_import_noise(*m)] == []
+
+
 def _is_quantized(module: nn.Module) -> bool:
     return type(module.weight) is not nn.Parameter and type(module.weight) is not torch.Tensor
 
@@ -143,8 +179,8 @@ def test_torchao_script_calls_quantize_with_the_same_choice(kept, planted, monke
     assert picked == linear_names(model) - {"lm_head", SUPER}
 
 
-def test_torchao_quantizes_every_linear_but_the_kept_ones(kept) -> None:
-    quantization = pytest.importorskip("torchao.quantization")
+def test_torchao_quantizes_every_linear_but_the_kept_ones(kept, torchao_quantization) -> None:
+    quantization = torchao_quantization
     model = planted_llama().model
     quantization.quantize_(
         model, quantization.Int8WeightOnlyConfig(), filter_fn=torchao_filter_fn(kept)
@@ -155,8 +191,7 @@ def test_torchao_quantizes_every_linear_but_the_kept_ones(kept) -> None:
     assert quantized == linear_names(model) - {"lm_head", SUPER}
 
 
-def test_torchao_script_runs_under_torchao(kept) -> None:
-    pytest.importorskip("torchao.quantization")
+def test_torchao_script_runs_under_torchao(kept, torchao_quantization) -> None:
     model = planted_llama().model
     exec(compile(render(kept, "torchao"), "torchao_config.py", "exec"), {"model": model})
     assert not _is_quantized(model.get_submodule(SUPER))

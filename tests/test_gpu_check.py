@@ -21,6 +21,20 @@ def test_gpu_check_runs_small_on_cpu(tmp_path):
             "--backend", "aot_eager", "--out", str(out)]  # fmt: skip
     figures = module.main(argv)
     assert json.loads(out.read_text()) == figures
-    for key in ("eager_overhead_ratio", "compiled_overhead_ratio", "detection_s"):
-        assert figures[key] > 0
-    assert figures["shape"] == "small" and figures["backend"] == "aot_eager"
+    assert {k: figures[k] for k in ("device", "shape", "dtype", "batch", "tokens", "backend")} == {
+        "device": "cpu", "shape": "small", "dtype": "bfloat16", "batch": 1, "tokens": 16,
+        "backend": "aot_eager",
+    }  # fmt: skip
+    # each ratio is the quotient of the two times it reports, not a figure made up apart
+    for ratio, recorded, plain in (
+        ("eager_overhead_ratio", "eager_recorded_s", "eager_s"),
+        ("compiled_overhead_ratio", "compiled_recorded_s", "compiled_s"),
+    ):
+        assert figures[ratio] == figures[recorded] / figures[plain]
+    # the timed runs gave the right answers: the planted weight is detected, first and alone,
+    # and the compiled model recorded the eager model's maxima (a hook lost under compile
+    # gives a difference of 1; bf16 rounding of a reordered reduction stays far below 1e-2)
+    assert figures["detected"] == figures["planted"] == [1, 5, 17]
+    assert figures["candidates"] == 1
+    assert figures["compiled_recorded_max_rel_diff"] < 1e-2
+    assert "peak_memory_delta_bytes" not in figures  # measured on CUDA only

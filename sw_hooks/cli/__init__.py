@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from sw_hooks.cli._common import CliError, first_line
+from sw_hooks.cli._noise import silence_known_import_noise
 
 SUBCOMMANDS = ("detect", "quantize", "report", "compare", "export", "quantizer_config")
 USAGE_ERROR = 2
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    silence_known_import_noise()
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

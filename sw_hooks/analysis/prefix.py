@@ -3,14 +3,21 @@
 Zeroing a weight in block ``L`` changes nothing before block ``L``: the baseline pass keeps
 the output of the blocks where candidates start, and a candidate's pass replays it, so only
 the blocks from ``L`` on run. :class:`Runner` runs both kinds of pass and counts the cost in
-forward-equivalents; :func:`replay_is_exact` checks once per measurement that replaying
-gives the logits of a full forward (a block that reads state an earlier block left behind
-would not).
+forward-equivalents.
+
+Replaying is exact only for a model whose blocks read nothing but their input. A block that
+reads state an earlier block left behind (a KV-sharing model's later layers read an earlier
+layer's keys and values) would read a stale value, or none. :func:`replay_problem` checks,
+before any candidate is measured, every start block a measurement will replay from: a
+replay that starts at block ``L`` skips the writes of blocks ``0 .. L-1`` and of nothing
+else, so no check at one start covers another. A model that fails the check, or whose
+replay raises at any time, is measured with full forwards, with one warning.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -120,14 +127,38 @@ class Runner:
     def run(self, chunk: torch.Tensor, start: int | None, share: float = 1.0) -> torch.Tensor:
         """Logits with blocks before ``start`` replayed from the baseline (``None``: full).
 
-        ``share`` is the chunk's length over a window's, for counting forwards.
+        ``share`` is the chunk's length over a window's, for counting forwards. A replay
+        that raises turns reuse off (:meth:`fall_back`) and runs a full forward instead.
         """
         if not self.reuse or not start or start - 1 not in self.kept:
             self.forwards += share
             return _logits(self.model, chunk, self.device)
+        try:
+            return self.replay(chunk, start, share)
+        except Exception as error:  # a model-specific failure: any exception class
+            self.fall_back(f"replaying the blocks before block {start} raised {_named(error)}")
+            return self.run(chunk, start, share)
+
+    def replay(self, chunk: torch.Tensor, start: int, share: float = 1.0) -> torch.Tensor:
+        """Logits with blocks before ``start`` returning the kept output; errors propagate."""
         self.forwards += self.cost(start) * share
         with replayed_prefix(self.blocks, start, self.kept[start - 1]):
             return _logits(self.model, chunk, self.device)
+
+    def fall_back(self, reason: str) -> None:
+        """Measure with full forwards from now on, saying why once."""
+        if self.reuse:
+            warnings.warn(
+                f"prefix reuse is off: {reason}; measuring with full forwards",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        self.reuse = False
+        self.kept = {}
+
+
+def _named(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
 
 
 @contextmanager
@@ -136,14 +167,52 @@ def nothing() -> Iterator[dict[int, Any]]:
 
 
 @torch.no_grad()
-def replay_is_exact(runner: Runner, probe: torch.Tensor, start: int) -> bool:
-    """Whether replaying blocks before ``start`` gives the logits of a full forward.
+def replay_problem(runner: Runner, probe: torch.Tensor, starts: Iterable[int | None]) -> str | None:
+    """Why replaying from some block in ``starts`` does not give a full forward's logits.
 
-    Checked once per measurement, on the first ``PROBE_TOKENS`` tokens: enough to catch a
-    block that depends on more than its input, at a few percent of a window's cost.
+    ``None`` when every start replays exactly. Checked once per measurement, on the first
+    ``PROBE_TOKENS`` tokens: the baseline keeps every start's prefix output, a forward on
+    half the probe then leaves different state in every block, and the replays run from
+    the last start down. A replay from ``L`` skips blocks ``0 .. L-1`` only, and none of
+    them has run since the half-probe forward (each earlier replay started later), so a
+    block from ``L`` on that reads state they left behind reads the half-probe's: a wrong
+    value or a wrong shape, not the probe's own.
     """
-    expected = runner.baseline(probe, {start}, share=probe.shape[1] / runner.window_tokens)
-    replayed = runner.run(probe, start, share=probe.shape[1] / runner.window_tokens)
-    runner.kept = {}
+    replayed = sorted({s for s in starts if s}, reverse=True)
+    if not runner.reuse or not replayed:
+        return None
+    share = probe.shape[1] / runner.window_tokens
+    expected = runner.baseline(probe, set(replayed), share=share)
+    runner.run(probe[:, : max(probe.shape[1] // 2, 1)], None, share=share / 2)
+    try:
+        for start in replayed:
+            problem = _replay_differs(runner, probe, start, share, expected)
+            if problem:
+                return problem
+    finally:
+        runner.kept = {}
+    return None
+
+
+def _replay_differs(
+    runner: Runner, probe: torch.Tensor, start: int, share: float, expected: torch.Tensor
+) -> str | None:
+    """What is wrong with one replay from ``start``, or ``None``."""
+    try:
+        replayed = runner.replay(probe, start, share=share)
+    except Exception as error:  # a model-specific failure: any exception class
+        return f"replaying the blocks before block {start} raised {_named(error)}"
+    if not _same_logits(replayed, expected):
+        return f"replaying the blocks before block {start} changes the logits"
+    return None
+
+
+def _same_logits(replayed: torch.Tensor, expected: torch.Tensor) -> bool:
     scale = float(expected.abs().max()) or 1.0
     return bool(torch.allclose(replayed, expected, rtol=1e-5, atol=1e-5 * scale))
+
+
+def replay_is_exact(runner: Runner, probe: torch.Tensor, start: int | Iterable[int]) -> bool:
+    """Whether replaying from ``start`` (one block or several) gives a full forward's logits."""
+    starts = [start] if isinstance(start, int) else start
+    return replay_problem(runner, probe, starts) is None

@@ -7,8 +7,9 @@ cheaper in two ways:
   ``L``. The baseline pass keeps the output of block ``L - 1`` for each window, and a
   candidate's pass replays it: blocks ``0 .. L-1`` return the kept output instead of
   computing, and only the blocks from ``L`` on run. Before any candidate is measured, the
-  replayed baseline is checked against the real one; a model where the two differ (a
-  block that reads state an earlier block left behind) is measured with full forwards.
+  replayed baseline is checked against the real one from every block a replay will start
+  at; a model where the two differ (a block that reads state an earlier block left
+  behind) or whose replay raises is measured with full forwards, with one warning.
 * **Screening (a stated rule, off with ``screen_exponent=None``).** After the first
   window, ``n1`` of the ``N`` scored tokens, a candidate whose ratio there is below
   ``min_impact ** screen_exponent`` is not measured further; its impact is the ratio over
@@ -44,7 +45,7 @@ from torch import nn
 
 from sw_hooks.analysis.impact import IGNORE_INDEX, _check_ids, _window_batches
 from sw_hooks.analysis.losses import Batch, Loss, LossFn, as_loss, is_causal
-from sw_hooks.analysis.prefix import PROBE_TOKENS, Runner, find_blocks, replay_is_exact
+from sw_hooks.analysis.prefix import PROBE_TOKENS, Runner, find_blocks, replay_problem
 from sw_hooks.core.masks import ablate
 
 Progress = Callable[[str], None]
@@ -187,8 +188,10 @@ def _measure_perplexity_impacts(
     baseline, joint, first_window = _Loss(), _Loss(), _Loss()
     windows = list(_window_batches(ids, settings.window, settings.stride))
     started = time.perf_counter()
-    if runner.reuse and joint_start is not None:
-        runner.reuse = replay_is_exact(runner, windows[0][0][:, :PROBE_TOKENS], joint_start)
+    starts = [s.block for s in states] + [joint_start]
+    problem = replay_problem(runner, windows[0][0][:, :PROBE_TOKENS], starts)
+    if problem:
+        runner.fall_back(problem)
     for index, (chunk, targets) in enumerate(windows):
         base_logits = runner.baseline(chunk, {s.block for s in states if s.block is not None})
         baseline.add(base_logits, targets)

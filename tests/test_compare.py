@@ -201,11 +201,18 @@ def saved(planted, tmp_path_factory) -> dict[str, Path]:
     }
 
 
-def _compare(saved: dict[str, Path], candidate: str, *extra: str) -> subprocess.CompletedProcess:
+def _compare(
+    saved: dict[str, Path],
+    candidate: str,
+    *extra: str,
+    original: str = "original",
+    follow: str | None = "super_weights.json",
+) -> subprocess.CompletedProcess:
     root = saved["root"]
+    following = ["--super-weights", str(root / follow)] if follow else []
     command = [
-        sys.executable, "-m", "sw_hooks.cli", "compare", str(saved["original"]),
-        str(saved[candidate]), "--super-weights", str(root / "super_weights.json"),
+        sys.executable, "-m", "sw_hooks.cli", "compare", str(saved[original]),
+        str(saved[candidate]), *following,
         "--text", str(root / "text.txt"), "--max-tokens", "64", "--quiet", *extra,
     ]  # fmt: skip
     return subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
@@ -244,3 +251,98 @@ def test_cli_without_fail_if_lost_reports_but_exits_0(saved) -> None:
     done = _compare(saved, "zeroed")
     assert done.returncode == 0, done.stderr
     assert "LOST" in done.stdout
+
+
+# --------------------------------------------------------------------------- no vacuous pass
+
+
+def _reversed_byte_tokenizer():
+    """:func:`byte_tokenizer` with its 256 ids in reverse order: same size, other ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: len(alphabet) - 1 - i for i, c in enumerate(alphabet)}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=alphabet[0], eos_token=alphabet[0]
+    )
+
+
+def _noise_copy(model: nn.Module, scale: float) -> nn.Module:
+    """The model with every weight replaced by Gaussian noise of standard deviation ``scale``."""
+    candidate = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for parameter in candidate.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+    return candidate
+
+
+def _loud_head_copy(model: nn.Module) -> nn.Module:
+    """The model with its LM head scaled by 1e4: every activation kept, perplexity inf."""
+    candidate = copy.deepcopy(model)
+    with torch.no_grad():
+        candidate.get_output_embeddings().weight.mul_(1e4)
+    return candidate
+
+
+@pytest.fixture(scope="module")
+def unfollowed(planted, saved) -> dict[str, Path]:
+    """A model with no super weight, a noise copy of it, and odd copies of the planted one."""
+    root = saved["root"]
+    plain = tiny_model("llama", num_layers=2)
+    reversed_folder = root / "reversed"
+    planted.model.save_pretrained(reversed_folder, safe_serialization=True)
+    _reversed_byte_tokenizer().save_pretrained(reversed_folder)
+    save_super_weights([], root / "nothing.json")
+    return {
+        **saved,
+        "plain": _save(plain, root / "plain"),
+        "noise": _save(_noise_copy(plain, 1.0), root / "noise"),
+        "loud_head": _save(_loud_head_copy(planted.model), root / "loud_head"),
+        "reversed": reversed_folder,
+    }
+
+
+def test_cli_fail_if_lost_refuses_when_detection_follows_nothing(unfollowed) -> None:
+    """No super weight on ORIGINAL and a noise CANDIDATE: the guard must not pass vacuously."""
+    done = _compare(unfollowed, "noise", "--fail-if-lost", original="plain", follow=None)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert done.stderr.strip().splitlines()[-1] == (
+        "sw-hooks compare: error: --fail-if-lost has nothing to follow: detection found no "
+        "super weight on ORIGINAL; name the super weights to follow with --super-weights FILE, "
+        "or leave out --fail-if-lost"
+    )
+
+
+def test_cli_fail_if_lost_refuses_an_empty_list_before_loading(unfollowed) -> None:
+    done = _compare(unfollowed, "noise", "--fail-if-lost", original="plain", follow="nothing.json")
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "nothing.json lists no super weight" in lines[0]
+    assert done.stdout == ""
+
+
+def test_cli_fails_a_candidate_whose_perplexity_is_inf(unfollowed) -> None:
+    """The followed super activation is kept (the head comes after it); the text is lost."""
+    out = unfollowed["root"] / "loud_head.json"
+    done = _compare(unfollowed, "loud_head", "--fail-if-lost", "--json", str(out))
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    result = json.loads(out.read_text())
+    (activation,) = result["super_activations"]
+    assert activation["ratio"] == 1.0 and "kept" in done.stdout
+    assert result["perplexity"]["candidate"] == float("inf")
+    assert "the candidate's perplexity is inf" in done.stderr
+
+
+def test_cli_refuses_a_candidate_with_a_reordered_vocabulary(unfollowed) -> None:
+    done = _compare(unfollowed, "reversed", "--fail-if-lost")
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(
+        "sw-hooks compare: error: CANDIDATE's tokenizer differs from ORIGINAL's: "
+    )
+    assert "is id 0 in ORIGINAL but is id 255 in CANDIDATE (256 and 256 tokens)" in line

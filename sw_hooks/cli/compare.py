@@ -3,13 +3,19 @@
 Records both models on the same tokens and prints, per layer, the down-projections' peaks
 side by side; per super weight, its super activation in both (same channel and token) and
 the ratio; and perplexity, KL and top-1 agreement. ``--fail-if-lost`` turns a lost super
-activation into exit status 1, so a CI step can guard a release.
+activation, or a candidate whose perplexity is no longer finite, into exit status 1, so a CI
+step can guard a release; it refuses to guard nothing (no super weight to follow).
+
+The candidate must read text as the original does: a tokenizer with other ids for the same
+tokens (not only another vocabulary size) is refused, since every figure here compares the
+two models' outputs at the same token ids.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -119,6 +125,63 @@ def _followed(weights: list[Any]) -> list[Any]:
     return [w for w in weights if w.verdict == "super"] or list(weights)
 
 
+def _check_something_followed(args: argparse.Namespace, weights: list[Any], source: str) -> None:
+    """``--fail-if-lost`` over no super weight would pass whatever the candidate did."""
+    if args.fail_if_lost is not None and not weights:
+        raise CliError(
+            f"--fail-if-lost has nothing to follow: {source}; name the super weights to follow "
+            "with --super-weights FILE, or leave out --fail-if-lost"
+        )
+
+
+def check_same_tokenizer(original: Any, candidate: Any, text: str, max_tokens: int) -> None:
+    """Refuse a candidate whose tokenizer gives other ids than the original's.
+
+    Comparing the vocabularies catches a reordered one of the same size; comparing the
+    text's ids catches the same vocabulary split differently (other merges or normaliser).
+    """
+    ours, theirs = _vocabulary(original), _vocabulary(candidate)
+    if ours is not None and theirs is not None and ours != theirs:
+        raise CliError(
+            f"CANDIDATE's tokenizer differs from ORIGINAL's: {_first_difference(ours, theirs)}"
+        )
+    expected, got = token_ids(original, text, max_tokens), token_ids(candidate, text, max_tokens)
+    if expected.shape != got.shape or not bool((expected == got).all()):
+        raise CliError(
+            "CANDIDATE's tokenizer splits the text differently from ORIGINAL's: compare needs "
+            "a candidate with the original's tokenizer"
+        )
+
+
+def _vocabulary(tokenizer: Any) -> dict[str, int] | None:
+    get_vocab = getattr(tokenizer, "get_vocab", None)
+    return dict(get_vocab()) if callable(get_vocab) else None
+
+
+def _first_difference(ours: dict[str, int], theirs: dict[str, int]) -> str:
+    """The first token (in the original's id order) that the candidate numbers otherwise."""
+    for token, number in sorted(ours.items(), key=lambda item: item[1]):
+        if theirs.get(token) != number:
+            other = theirs.get(token)
+            where = "is missing" if other is None else f"is id {other}"
+            return (
+                f"token {token!r} is id {number} in ORIGINAL but {where} in CANDIDATE "
+                f"({len(ours)} and {len(theirs)} tokens); compare needs a candidate with "
+                "the original's tokenizer"
+            )
+    extra = sorted(set(theirs) - set(ours))[0]
+    return (
+        f"CANDIDATE has token {extra!r} that ORIGINAL lacks ({len(ours)} and {len(theirs)} tokens)"
+    )
+
+
+def _perplexity_broken(comparison: Any) -> bool:
+    """The candidate no longer models the text (inf or NaN) where the original did."""
+    return math.isfinite(comparison.original_perplexity) and not math.isfinite(
+        comparison.candidate_perplexity
+    )
+
+
 def _load(args: argparse.Namespace, spec: str) -> tuple[Any, Any, str]:
     return load_model_for_cli(with_model(args, spec))
 
@@ -183,12 +246,16 @@ def run(args: argparse.Namespace) -> int:
     check_model_arguments(args)
     check_output_file(args.json, "--json")
     given = _given_super_weights(args.super_weights)
+    if given is not None:
+        _check_something_followed(args, given, f"{args.super_weights} lists no super weight")
     text = read_text(args.text)
     _check_models(args)
     original, tokenizer, original_name = _load(args, args.original)
-    candidate, _, candidate_name = _load(args, args.candidate)
+    candidate, candidate_tokenizer, candidate_name = _load(args, args.candidate)
+    check_same_tokenizer(tokenizer, candidate_tokenizer, text, args.max_tokens)
     ids = token_ids(tokenizer, text, args.max_tokens)
     weights = given if given is not None else _detected(args, original, ids[:, :PROMPT_TOKENS], ids)
+    _check_something_followed(args, weights, "detection found no super weight on ORIGINAL")
     comparison = compare_models(
         original,
         candidate,
@@ -203,11 +270,28 @@ def run(args: argparse.Namespace) -> int:
     if args.json is not None:
         write_output(args.json, json.dumps(comparison.to_dict(), indent=2) + "\n")
         progress(f"wrote {args.json}", quiet=args.quiet)
+    return _verdict(comparison, args.fail_if_lost)
+
+
+def _verdict(comparison: Any, fail_if_lost: float | None) -> int:
+    """Say what failed on stderr; exit 1 when ``--fail-if-lost`` guards and something did.
+
+    A lost super activation is shown in the table; it is repeated on stderr when guarding.
+    A candidate whose perplexity is no longer finite is said on stderr always.
+    """
+    guarding = fail_if_lost is not None
+    fraction = fail_if_lost if guarding else DEFAULT_LOST_FRACTION
     lost = comparison.lost(fraction)
-    if args.fail_if_lost is not None and lost:
+    broken = _perplexity_broken(comparison)
+    if guarding and lost:
         print(
             f"sw-hooks compare: {len(lost)} super activation(s) below {fraction:g} of the original",
             file=sys.stderr,
         )
-        return LOST_EXIT
-    return 0
+    if broken:
+        print(
+            f"sw-hooks compare: the candidate's perplexity is {comparison.candidate_perplexity} "
+            f"(the original's {comparison.original_perplexity:.3f}): it no longer models the text",
+            file=sys.stderr,
+        )
+    return LOST_EXIT if guarding and (lost or broken) else 0

@@ -282,15 +282,7 @@ def finish_detection(
     with the result so its readers never record the model again. A result verified with a
     loss other than a causal LM's perplexity names it in ``options["loss"]``.
     """
-    ordered = sorted(
-        candidates,
-        key=lambda c: (
-            c.layer if c.layer is not None else -1,
-            c.expert if c.expert is not None else -1,
-            c.row,
-            c.col,
-        ),
-    )
+    ordered = ordered_candidates(candidates)
     baseline = joint = None
     recorded = asdict(options)
     if verify_impact:
@@ -315,6 +307,19 @@ def finish_detection(
         options=recorded,
         layer_peaks=tuple(layer_peaks),
         super_experts=tuple(super_experts),
+    )
+
+
+def ordered_candidates(candidates: Sequence[SuperWeight]) -> list[SuperWeight]:
+    """Candidates in the order a result lists them: by layer, expert, row, column."""
+    return sorted(
+        candidates,
+        key=lambda c: (
+            c.layer if c.layer is not None else -1,
+            c.expert if c.expert is not None else -1,
+            c.row,
+            c.col,
+        ),
     )
 
 

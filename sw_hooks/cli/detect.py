@@ -22,6 +22,7 @@ from sw_hooks.cli._common import (
     token_ids,
 )
 from sw_hooks.cli._paths import check_output_file, write_output
+from sw_hooks.cli.detect_streamed import check_stream_model, run_streamed
 from sw_hooks.core.results import DetectionResult
 
 
@@ -55,6 +56,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--no-verify", action="store_true", help="skip the ablation measurements")
     parser.add_argument(
+        "--stream",
+        action="store_true",
+        help="read the model block by block from its safetensors checkpoint folder: memory "
+        "holds one decoder block, the embeddings and the LM head (results as in memory)",
+    )
+    parser.add_argument(
         "--json", type=Path, default=None, dest="json_out", help="write the result as JSON here"
     )
     parser.set_defaults(func=run)
@@ -64,9 +71,13 @@ def run(args: argparse.Namespace) -> int:
     options = _options(args)
     check_model_arguments(args)
     check_output_file(args.json_out, "--json")
+    if args.stream:
+        check_stream_model(args)
     if args.prompt is not None and not args.prompt.strip():
         raise CliError("--prompt is empty")
     text = read_text(args.text)
+    if args.stream:
+        return run_streamed(args, options, text)
     model, tokenizer, name = load_model_for_cli(args)
     loss = _loss(model, tokenizer) if not args.no_verify else None
     calibration = token_ids(tokenizer, text, args.max_tokens, prepend_bos=args.bos)

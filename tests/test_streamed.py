@@ -174,6 +174,13 @@ def test_cli_stream_bad_input_exits_2_with_one_line(argv, message, capsys):
     assert len(err) == 1 and message in err[0]
 
 
+def test_cli_stream_takes_no_device_map(checkpoint, capsys):
+    from sw_hooks.cli import main
+
+    assert main(["detect", str(checkpoint), "--stream", "--device-map", "auto", "--quiet"]) == 2
+    assert "takes no --device-map" in capsys.readouterr().err
+
+
 def test_cli_stream_folder_without_safetensors(tmp_path, capsys):
     from sw_hooks.cli import main
 

@@ -28,15 +28,17 @@ def check_stream_model(args: argparse.Namespace) -> Path:
         raise CliError("--stream reads a safetensors checkpoint folder: give its path as MODEL")
     if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
         raise CliError(f"--stream needs config.json and .safetensors weights in {folder}")
+    if args.device_map is not None:
+        raise CliError("--stream loads one block at a time on --device; it takes no --device-map")
     return folder
 
 
-def _dtype(args: argparse.Namespace) -> torch.dtype | None:
-    """``--dtype`` where the command has one (``auto``: the checkpoint's own)."""
-    value = getattr(args, "dtype", None)
-    if value is None or isinstance(value, torch.dtype):
-        return value
-    return None if value == "auto" else getattr(torch, value)
+def _placement(args: argparse.Namespace) -> tuple[torch.dtype | None, torch.device]:
+    """``--dtype`` (``None``: the checkpoint's own) and ``--device`` (``auto`` resolved)."""
+    from sw_hooks.placement import placement
+
+    chosen = placement(args.device, args.dtype)
+    return chosen.dtype, chosen.device or torch.device("cpu")
 
 
 def run_streamed(args: argparse.Namespace, options: DetectionOptions, text: str) -> int:
@@ -49,7 +51,7 @@ def run_streamed(args: argparse.Namespace, options: DetectionOptions, text: str)
     folder = check_stream_model(args)
     try:
         with step(f"opening {folder} (resident weights only)", quiet=args.quiet):
-            streamed = open_streamed(folder, _dtype(args))
+            streamed = open_streamed(folder, *_placement(args))
             tokenizer = AutoTokenizer.from_pretrained(folder)
     except (ValueError, OSError) as error:
         raise CliError(first_line(error)) from None

@@ -17,12 +17,12 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from sw_hooks.core.locate import find_down_projections
+from sw_hooks.placement import checkpoint_dtype
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -97,6 +97,7 @@ class StreamedModel:
         blocks_name: their module path (``model.layers``).
         reader: where weights are read from; ``None`` for a model already in memory.
         dtype: the dtype weights are loaded in.
+        device: where weights are loaded (and the model runs).
         bytes_read: checkpoint bytes read so far (as stored, resident weights included).
         block_loads: how many times a block was loaded.
     """
@@ -106,6 +107,7 @@ class StreamedModel:
     blocks_name: str
     reader: CheckpointReader | None = None
     dtype: torch.dtype | None = None
+    device: torch.device = torch.device("cpu")
     bytes_read: int = 0
     block_loads: int = 0
 
@@ -143,7 +145,7 @@ class StreamedModel:
         assert self.reader is not None
         for name, tensor in self.reader.read(names):
             self.bytes_read += tensor.numel() * tensor.element_size()
-            _set_tensor(self.model, name, "cpu", tensor.to(self.dtype or tensor.dtype))
+            _set_tensor(self.model, name, self.device, tensor.to(self.dtype or tensor.dtype))
 
     def block_bytes(self, index: int) -> int:
         """Bytes of block ``index``'s parameters in the loaded dtype."""
@@ -164,10 +166,15 @@ def in_memory(model: nn.Module) -> StreamedModel:
     return StreamedModel(model, blocks, name)
 
 
-def open_streamed(folder: str | Path, dtype: torch.dtype | None = None) -> StreamedModel:
+def open_streamed(
+    folder: str | Path,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> StreamedModel:
     """Build the model of a safetensors checkpoint folder with only its resident weights read.
 
-    ``dtype``: the dtype to load weights in (default: the checkpoint's own, ``config.dtype``).
+    ``dtype``: the dtype to load weights in (default: the checkpoint's own, ``config.dtype``);
+    ``device``: where every weight goes when loaded, and where the model runs.
 
     Raises:
         ValueError: the folder has no config or safetensors weights, the model has no list of
@@ -186,12 +193,15 @@ def open_streamed(folder: str | Path, dtype: torch.dtype | None = None) -> Strea
         raise ValueError(f"{folder} holds no config.json: streaming needs a checkpoint folder")
     reader = CheckpointReader.of(folder)
     config = AutoConfig.from_pretrained(folder)
-    dtype = dtype or _config_dtype(config)
+    dtype = dtype or checkpoint_dtype(folder)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
     blocks_name, blocks = decoder_blocks(model)
-    streamed = StreamedModel(model, blocks, blocks_name, reader, dtype)
+    device = torch.device(device)
+    streamed = StreamedModel(model, blocks, blocks_name, reader, dtype, device)
+    for name, _ in list(model.named_buffers()):
+        _set_tensor(model, name, device)
     missing = [n for n in _owned_parameters(model) if n not in reader.files]
     if missing:
         raise ValueError(
@@ -205,10 +215,3 @@ def open_streamed(folder: str | Path, dtype: torch.dtype | None = None) -> Strea
 def _owned_parameters(model: nn.Module) -> list[str]:
     """Parameter names, a tied weight under its first name only."""
     return [name for name, _ in model.named_parameters(remove_duplicate=True)]
-
-
-def _config_dtype(config: Any) -> torch.dtype:
-    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(value, torch.dtype):
-        return value
-    return getattr(torch, value) if isinstance(value, str) else torch.float32

@@ -129,7 +129,8 @@ def test_gguf_file_reads_back_as_llama_imatrix_writes_it(planted, tmp_path) -> N
     fields = {name: field.contents() for name, field in reader.fields.items()}
     assert fields["general.type"] == "imatrix"
     assert fields["imatrix.datasets"] == ["calibration.txt"]
-    assert (fields["imatrix.chunk_count"], fields["imatrix.chunk_size"]) == (1, 512)
+    # 6 tokens are 0 chunks of 512 to the nearest, as llama-imatrix counts them
+    assert (fields["imatrix.chunk_count"], fields["imatrix.chunk_size"]) == (0, 512)
     tensors = {t.name: t for t in reader.tensors}
     assert len(tensors) == 2 * 4 * LINEARS_PER_LAYER
     assert "output.weight.in_sum2" not in tensors
@@ -144,12 +145,18 @@ def test_gguf_file_reads_back_as_llama_imatrix_writes_it(planted, tmp_path) -> N
     assert "blk.0.attn_q.weight.in_sum2" in tensors and "blk.3.ffn_gate.weight.counts" in tensors
 
 
-def test_chunk_count_rounds_up(planted, tmp_path) -> None:
+def test_metadata_llama_quantize_requires_is_always_written(planted, tmp_path) -> None:
+    """llama-quantize refuses an imatrix GGUF without all three keys; llama-imatrix writes no
+    general.architecture and counts chunks to the nearest: 64 tokens of 48 are 1 chunk."""
     imatrix = recorded(planted.model, {"input_ids": planted.calibration_ids(64)})
     path = imatrix.write_gguf(tmp_path / "imatrix.gguf", chunk_size=48)
-    fields = gguf.GGUFReader(path).fields
-    assert fields["imatrix.chunk_count"].contents() == 2
-    assert "imatrix.datasets" not in fields
+    fields = {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items()}
+    assert fields["imatrix.datasets"] == []
+    assert (fields["imatrix.chunk_count"], fields["imatrix.chunk_size"]) == (1, 48)
+    assert "general.architecture" not in fields
+    assert fields["general.type"] == "imatrix"
+    imatrix.write_gguf(path, chunk_size=42)  # 64 tokens: 1.52 chunks
+    assert gguf.GGUFReader(path).fields["imatrix.chunk_count"].contents() == 2
 
 
 def test_writing_refuses_what_llama_cpp_could_not_use(planted, tmp_path) -> None:
@@ -169,3 +176,60 @@ def test_only_linears_are_taken(planted) -> None:
         ImportanceMatrix(planted.model, ["model.norm"])
     with pytest.raises(ValueError, match="no linear module chosen"):
         ImportanceMatrix(planted.model, "no_such_name")
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_experts_get_one_row_and_one_count_per_expert(arch, tmp_path) -> None:
+    """Fused 3-D experts are entries with per-expert sums and counts, as llama-imatrix writes
+    ffn_*_exps; the same weights as a list of expert MLPs (each linear hooked on its own
+    routed inputs) give the same sums, and every (token, expert) pair is counted once."""
+    from sw_hooks.testing import tiny_moe_model
+    from sw_hooks.testing.moe import to_expert_list
+
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
+    fused = recorded(tiny_moe_model(arch, num_layers=2), {"input_ids": ids})
+    listed = recorded(to_expert_list(tiny_moe_model(arch, num_layers=2)), {"input_ids": ids})
+    down = "model.layers.1.mlp.experts.down_proj"
+    assert fused.in_sum2[down].shape == (8, 64) and fused.counts[down].shape == (8,)
+    assert int(fused.counts[down].sum()) == ids.numel() * 2  # top-2 routing
+    assert sorted(fused.module_names) == sorted(listed.module_names)
+    for name in fused.module_names:
+        assert torch.equal(fused.counts[name], listed.counts[name]), name
+        torch.testing.assert_close(fused.in_sum2[name], listed.in_sum2[name], rtol=1e-6, atol=0)
+    gate, up = (f"model.layers.1.mlp.experts.{leaf}" for leaf in ("gate_proj", "up_proj"))
+    assert torch.equal(fused.in_sum2[gate], fused.in_sum2[up])  # both read the hidden states
+
+    reader = gguf.GGUFReader(fused.write_gguf(tmp_path / "moe.gguf"))
+    tensors = {t.name: t for t in reader.tensors}
+    sums, counts = tensors["blk.1.ffn_down_exps.weight.in_sum2"], tensors[
+        "blk.1.ffn_down_exps.weight.counts"
+    ]
+    assert (sums.shape.tolist(), counts.shape.tolist()) == ([64, 8], [1, 8])
+    assert counts.data.reshape(-1).tolist() == fused.counts[down].float().tolist()
+    assert torch.equal(torch.from_numpy(sums.data.copy()), fused.in_sum2[down].float())
+    assert {"blk.1.ffn_gate_exps.weight.counts", "blk.1.ffn_up_exps.weight.counts"} <= set(tensors)
+    assert "blk.1.ffn_gate_inp.weight.in_sum2" in tensors  # the router, a plain linear
+
+
+def test_expert_state_merges_and_checkpoints(tmp_path) -> None:
+    from sw_hooks.testing import tiny_moe_model
+
+    model = tiny_moe_model("mixtral", num_layers=1)
+    first, second = (
+        torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(seed))
+        for seed in (1, 2)
+    )
+    both = recorded(model, {"input_ids": first}, {"input_ids": second})
+    merged = recorded(model, {"input_ids": first})
+    merged.merge(recorded(model, {"input_ids": second}))
+    restored = recorded(model)
+    torch.save(merged.state_dict(), tmp_path / "imatrix.pt")
+    restored.load_state_dict(torch.load(tmp_path / "imatrix.pt"))
+    down = "model.layers.0.mlp.experts.down_proj"
+    for result in (merged, restored):
+        assert torch.equal(result.counts[down], both.counts[down])
+        torch.testing.assert_close(result.in_sum2[down], both.in_sum2[down], rtol=1e-12, atol=0)
+    state = merged.state_dict()
+    state[f"{down}.counts"] = torch.tensor(3)
+    with pytest.raises(ValueError, match=r"\(\) counts, expected \(8,\)"):
+        restored.load_state_dict(state)

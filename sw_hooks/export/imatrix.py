@@ -9,13 +9,16 @@ of the super weights, get the weight they deserve when llama.cpp quantizes.
 The state is a sum, so it merges by adding: :meth:`ImportanceMatrix.merge` for two
 recordings, :meth:`ImportanceMatrix.all_reduce` across ranks, ``state_dict`` for checkpoints.
 :meth:`ImportanceMatrix.write_gguf` writes what ``llama-imatrix`` writes: ``general.type``
-``"imatrix"``, the ``imatrix.*`` keys, and per weight ``<tensor>.in_sum2`` (``[1, C]`` F32)
-and ``<tensor>.counts`` (``[1, 1]`` F32), under llama.cpp's tensor names.
+``"imatrix"``, the three ``imatrix.*`` keys ``llama-quantize`` requires (``datasets``,
+``chunk_count``, ``chunk_size``; no ``general.architecture``), and per weight
+``<tensor>.in_sum2`` (``[1, C]`` F32) and ``<tensor>.counts`` (``[1, 1]`` F32), under
+llama.cpp's tensor names. Mixture-of-experts weights, 3-D in llama.cpp
+(``blk.N.ffn_down_exps``), get one row and one count per expert: ``[E, C]`` and ``[E, 1]``
+(:mod:`sw_hooks.export.imatrix_experts`).
 """
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -28,7 +31,13 @@ from sw_hooks.core.access import oriented_shape
 from sw_hooks.core.hooks import HookSet
 from sw_hooks.core.locate import is_linear_like
 from sw_hooks.core.record import TokenMasks
-from sw_hooks.export.quantizers import GGUF_ARCHITECTURES, gguf_tensor_name
+from sw_hooks.export.imatrix_experts import (
+    ExpertEntry,
+    expert_entries,
+    hook_experts,
+    list_expert_linears,
+)
+from sw_hooks.export.quantizers import gguf_tensor_name
 
 CHUNK_SIZE = 512
 """``imatrix.chunk_size`` written by default: ``llama-imatrix``'s default context length."""
@@ -62,15 +71,19 @@ def input_square_sums(
 class ImportanceMatrix:
     """Per linear, the sum of squared inputs per channel and the count of tokens summed.
 
+    Experts weights (3-D in llama.cpp) hold one row of sums and one count per expert:
+    ``in_sum2[name]`` is ``[experts, C]`` and ``counts[name]`` ``[experts]``.
+
     Hooks are registered when it is made and removed by :meth:`remove` or on leaving a
     ``with`` block. A 2-D ``attention_mask=`` keeps padded tokens out, whether it is passed
     to the model or, inside it, to a module on the way to the linears (as the recorder does).
 
     Args:
         model: any ``nn.Module``; its ``config.model_type`` names the GGUF tensors.
-        modules: which linears: ``None`` for every linear but the output head (what
-            ``llama-imatrix`` collects by default), a regex searched in module names, a list
-            of names or a ``{name: module}`` mapping.
+        modules: which linears: ``None`` for every linear but the output head, and every
+            experts weight (what ``llama-imatrix`` collects by default), a regex searched in
+            module and experts-weight names, a list of names or a ``{name: module}`` mapping
+            (linears only).
         use_attention_mask: leave padded tokens out.
 
     Example:
@@ -87,20 +100,27 @@ class ImportanceMatrix:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"ImportanceMatrix needs a torch.nn.Module, got {type(model).__name__}")
-        selected = _select_linears(model, modules)
+        experts = _select_experts(model, modules)
+        selected = _select_linears(model, modules, list_expert_linears(experts), bool(experts))
         self.architecture: str | None = getattr(getattr(model, "config", None), "model_type", None)
         self.in_sum2 = {
             name: torch.zeros(oriented_shape(m)[1], dtype=torch.float64)
             for name, m in selected.items()
         }
         self.counts = {name: torch.zeros((), dtype=torch.int64) for name in selected}
+        for entry in experts:
+            count = entry.experts.num_experts
+            self.in_sum2[entry.name] = torch.zeros(count, entry.channels, dtype=torch.float64)
+            self.counts[entry.name] = torch.zeros(count, dtype=torch.int64)
         self._masks = TokenMasks()
         self._hooks = HookSet()
         with self._hooks.registering():
             for name, module in selected.items():
                 self._hooks.pre(module, self._fold_hook(name))
+            hook_experts(experts, self._hooks, self._fold_expert, lambda: self._masks.current)
             if use_attention_mask:
-                self._masks.attach(model, selected.values(), self._hooks)
+                watched = [*selected.values(), *(e.experts.module for e in experts)]
+                self._masks.attach(model, watched, self._hooks)
 
     @property
     def module_names(self) -> tuple[str, ...]:
@@ -119,6 +139,14 @@ class ImportanceMatrix:
         self.in_sum2[name] = self.in_sum2[name].to(sums.device) + sums
         self.counts[name] = self.counts[name].to(sums.device) + tokens
 
+    @torch.compiler.disable
+    def _fold_expert(self, name: str, expert: int, rows: torch.Tensor) -> None:
+        sums, tokens = input_square_sums(rows)
+        self.in_sum2[name] = self.in_sum2[name].to(sums.device)
+        self.counts[name] = self.counts[name].to(sums.device)
+        self.in_sum2[name][expert] += sums
+        self.counts[name][expert] += tokens
+
     # -- combining -------------------------------------------------------------------------
     def merge(self, other: ImportanceMatrix | Mapping[str, torch.Tensor]) -> None:
         """Add another recording (or its :meth:`state_dict`) of the same modules into this one."""
@@ -127,7 +155,8 @@ class ImportanceMatrix:
         )
         self._check_same_modules(incoming, "merge")
         for name, (sums, count) in incoming.items():
-            self._check_channels(name, sums)
+            self._check_channels(name, sums, count)
+        for name, (sums, count) in incoming.items():
             self.in_sum2[name] = self.in_sum2[name] + sums.to(
                 self.in_sum2[name].device, torch.float64
             )
@@ -142,19 +171,20 @@ class ImportanceMatrix:
         import torch.distributed as dist
 
         names = self.module_names
-        flat = torch.cat([self.in_sum2[n] for n in names] + [self._counts_vector(names)])
+        device = self.in_sum2[names[0]].device
+        sums = [self.in_sum2[n].reshape(-1) for n in names]
+        counts = [self.counts[n].to(device, torch.float64).reshape(-1) for n in names]
+        flat = torch.cat(sums + counts)
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
         offset = 0
         for name in names:
             size = self.in_sum2[name].numel()
-            self.in_sum2[name] = flat[offset : offset + size].clone()
+            self.in_sum2[name] = flat[offset : offset + size].reshape(self.in_sum2[name].shape)
             offset += size
-        for index, name in enumerate(names):
-            self.counts[name] = flat[offset + index].round().to(torch.int64)
-
-    def _counts_vector(self, names: Sequence[str]) -> torch.Tensor:
-        device = self.in_sum2[names[0]].device if names else torch.device("cpu")
-        return torch.stack([self.counts[n].to(device, torch.float64) for n in names])
+        for name in names:
+            size, shape = self.counts[name].numel(), self.counts[name].shape
+            self.counts[name] = flat[offset : offset + size].reshape(shape).round().to(torch.int64)
+            offset += size
 
     # -- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -169,8 +199,8 @@ class ImportanceMatrix:
         """Replace the state with a :meth:`state_dict` of the same modules."""
         incoming = _split_state(state)
         self._check_same_modules(incoming, "load_state_dict")
-        for name, (sums, _) in incoming.items():
-            self._check_channels(name, sums)
+        for name, (sums, count) in incoming.items():
+            self._check_channels(name, sums, count)
         for name, (sums, count) in incoming.items():
             self.in_sum2[name] = sums.to(torch.float64).clone()
             self.counts[name] = count.to(torch.int64).clone()
@@ -189,10 +219,14 @@ class ImportanceMatrix:
                 f"{action}: the modules differ (missing {missing[:3]}, unknown {unknown[:3]})"
             )
 
-    def _check_channels(self, name: str, sums: torch.Tensor) -> None:
+    def _check_channels(self, name: str, sums: torch.Tensor, counts: torch.Tensor) -> None:
         if sums.shape != self.in_sum2[name].shape:
             raise ValueError(
                 f"{name}: {tuple(sums.shape)} channel sums, expected {tuple(self.in_sum2[name].shape)}"
+            )
+        if counts.shape != self.counts[name].shape:
+            raise ValueError(
+                f"{name}: {tuple(counts.shape)} counts, expected {tuple(self.counts[name].shape)}"
             )
 
     # -- writing ---------------------------------------------------------------------------
@@ -216,35 +250,37 @@ class ImportanceMatrix:
         Args:
             path: the ``.gguf`` file to write.
             architecture: the transformers ``model_type`` (default: the model's own).
-            datasets: names of the calibration texts, written as ``imatrix.datasets``.
+            datasets: names of the calibration texts, written as ``imatrix.datasets``
+                (an empty list when none is given: the key is always written, as
+                ``llama-quantize`` refuses a file without it).
             chunk_size: ``imatrix.chunk_size``; ``imatrix.chunk_count`` is the most tokens
-                any linear saw, divided by it and rounded up.
+                any weight (or expert) saw, divided by it and rounded to the nearest, as
+                ``llama-imatrix`` counts its chunks.
         """
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         names = self.gguf_names(architecture)
-        if max(int(c) for c in self.counts.values()) == 0:
+        if self._most_tokens() == 0:
             raise ValueError("the importance matrix is empty: run the model on text first")
-        return _write(
-            Path(path),
-            self._tensors(names),
-            self._metadata(datasets, chunk_size),
-            _gguf_architecture_name(architecture or self.architecture),
-        )
+        return _write(Path(path), self._tensors(names), self._metadata(datasets, chunk_size))
+
+    def _most_tokens(self) -> int:
+        return max(int(c.max()) for c in self.counts.values())
 
     def _tensors(self, names: Mapping[str, str]) -> dict[str, torch.Tensor]:
         tensors: dict[str, torch.Tensor] = {}
         for module in sorted(names, key=names.__getitem__):
             tensor = names[module]
-            tensors[f"{tensor}.{_SUM2}"] = self.in_sum2[module].float().reshape(1, -1)
-            tensors[f"{tensor}.{_COUNTS}"] = self.counts[module].float().reshape(1, 1)
+            # numpy [matrices, C] is ggml's [C, matrices]: one row per expert (one if dense)
+            sums = self.in_sum2[module]
+            tensors[f"{tensor}.{_SUM2}"] = sums.float().reshape(-1, sums.shape[-1])
+            tensors[f"{tensor}.{_COUNTS}"] = self.counts[module].float().reshape(-1, 1)
         return tensors
 
     def _metadata(self, datasets: Sequence[str], chunk_size: int) -> dict[str, Any]:
-        most = max(int(c) for c in self.counts.values())
         return {
             "datasets": [str(d) for d in datasets],
-            "chunk_count": math.ceil(most / chunk_size),
+            "chunk_count": chunks_of(self._most_tokens(), chunk_size),
             "chunk_size": chunk_size,
         }
 
@@ -261,7 +297,29 @@ class ImportanceMatrix:
         self.remove()
 
 
-def _select_linears(model: nn.Module, modules: ModuleChoice) -> dict[str, nn.Module]:
+def chunks_of(tokens: int, chunk_size: int) -> int:
+    """Chunks ``tokens`` make, rounded to the nearest, as ``llama-imatrix`` counts them.
+
+    Example:
+        >>> chunks_of(767, 512), chunks_of(768, 512), chunks_of(255, 512)
+        (1, 2, 0)
+    """
+    return (tokens + chunk_size // 2) // chunk_size
+
+
+def _select_experts(model: nn.Module, modules: ModuleChoice) -> list[ExpertEntry]:
+    """The experts weights to record: all of them by default, those a regex finds, or none."""
+    if not (modules is None or isinstance(modules, str | re.Pattern)):
+        return []
+    pattern = re.compile(modules) if isinstance(modules, str) else modules
+    entries = expert_entries(model)
+    return [e for e in entries if pattern is None or pattern.search(e.name)]
+
+
+def _select_linears(
+    model: nn.Module, modules: ModuleChoice, inside_experts: set[str], has_experts: bool = False
+) -> dict[str, nn.Module]:
+    """The linears chosen; the list layout's per-expert linears are experts entries instead."""
     if isinstance(modules, Mapping):
         chosen = dict(modules)
     elif modules is None or isinstance(modules, str | re.Pattern):
@@ -270,7 +328,9 @@ def _select_linears(model: nn.Module, modules: ModuleChoice) -> dict[str, nn.Mod
         chosen = {
             name: m
             for name, m in model.named_modules()
-            if _is_linear(m) and (m is not head if pattern is None else bool(pattern.search(name)))
+            if _is_linear(m)
+            and name not in inside_experts
+            and (m is not head if pattern is None else bool(pattern.search(name)))
         }
     else:
         try:
@@ -280,7 +340,7 @@ def _select_linears(model: nn.Module, modules: ModuleChoice) -> dict[str, nn.Mod
     not_linear = [name for name, m in chosen.items() if not _is_linear(m)]
     if not_linear:
         raise ValueError(f"ImportanceMatrix records linears only; not linear: {not_linear[:3]}")
-    if not chosen:
+    if not chosen and not has_experts:
         raise ValueError(f"ImportanceMatrix: no linear module chosen in {type(model).__name__}")
     return chosen
 
@@ -302,19 +362,17 @@ def _split_state(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Ten
     return {n: (state[f"{n}.{_SUM2}"], state[f"{n}.{_COUNTS}"]) for n in names}
 
 
-def _gguf_architecture_name(architecture: str | None) -> str:
-    return GGUF_ARCHITECTURES.get(architecture or "", architecture or "")
-
-
-def _write(
-    path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any], arch: str
-) -> Path:
+def _write(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> Path:
     import gguf
 
-    writer = gguf.GGUFWriter(path, arch)
+    writer = _imatrix_writer(path)
     writer.add_type("imatrix")
-    if metadata["datasets"]:  # gguf-py cannot write an empty array; llama.cpp reads it as optional
-        writer.add_array(gguf.Keys.IMatrix.DATASETS, metadata["datasets"])
+    writer.add_key_value(
+        gguf.Keys.IMatrix.DATASETS,
+        metadata["datasets"],
+        gguf.GGUFValueType.ARRAY,
+        sub_type=gguf.GGUFValueType.STRING,
+    )
     writer.add_uint32(gguf.Keys.IMatrix.CHUNK_COUNT, metadata["chunk_count"])
     writer.add_uint32(gguf.Keys.IMatrix.CHUNK_SIZE, metadata["chunk_size"])
     for name, tensor in tensors.items():
@@ -324,3 +382,21 @@ def _write(
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def _imatrix_writer(path: Path) -> Any:
+    """gguf's writer, writing no ``general.architecture`` (``llama-imatrix`` writes none) and
+    able to write an empty ``imatrix.datasets`` array (gguf's writer refuses empty arrays)."""
+    import gguf
+
+    class ImatrixWriter(gguf.GGUFWriter):
+        def add_architecture(self) -> None:
+            pass
+
+        def _pack_val(self, val: Any, vtype: Any, add_vtype: bool, sub_type: Any = None) -> bytes:
+            if vtype != gguf.GGUFValueType.ARRAY or len(val) or sub_type is None:
+                return super()._pack_val(val, vtype, add_vtype, sub_type=sub_type)
+            header = self._pack("I", vtype) if add_vtype else b""
+            return header + self._pack("I", sub_type) + self._pack("Q", 0)
+
+    return ImatrixWriter(path, "")

@@ -167,6 +167,53 @@ def test_a_matrix_whose_rows_do_not_fit_the_block_keeps_its_source_type(tmp_path
     assert _types(tmp_path / "out.gguf")["blk.0.odd.weight"] == "F32"
 
 
+# What llama-quantize never quantizes, and a matrix and an experts tensor it does.
+_RULE_TENSORS = {
+    "blk.1.ffn_gate_inp.weight": ((8, 64), "F32"),  # the experts' router
+    "blk.1.ffn_gate_inp_shexp.weight": ((1, 64), "F32"),  # one row: 1-D to ggml
+    "position_embd.weight": ((64, 64), "F32"),
+    "token_types.weight": ((2, 64), "F32"),
+    "blk.1.ssm_conv1d.weight": ((64, 64), "F32"),
+    "v.blk.0.attn_rel_b.weight": ((64, 64), "F32"),
+    "blk.1.ffn_down_exps.weight": ((8, 64, 128), "Q4_0"),
+    "blk.1.ffn_gate_shexp.weight": ((64, 64), "Q4_0"),
+}
+
+
+def test_what_llama_quantize_keeps_at_full_precision_stays_there(tmp_path):
+    path = tmp_path / "moe.gguf"
+    extra = {name: np.ones(shape, np.float32) for name, (shape, _) in _RULE_TENSORS.items()}
+    write_tiny_gguf(planted_llama().model, path, extra=extra)
+    export_gguf(path, tmp_path / "out.gguf", quant_type="Q4_0")
+    types = _types(tmp_path / "out.gguf")
+    assert {name: types[name] for name in _RULE_TENSORS} == {
+        name: kind for name, (_, kind) in _RULE_TENSORS.items()
+    }
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "model.layers.1.mlp.experts.down_proj",  # fused 3-D experts (transformers 5)
+        "model.layers.1.mlp.experts.3.down_proj",  # a list of expert MLPs
+        "model.layers.1.block_sparse_moe.experts.3.w2",  # older Mixtral checkpoints
+    ],
+)
+def test_an_experts_super_weight_keeps_the_ffn_down_exps_tensor(tmp_path, module):
+    from sw_hooks.core.coordinate import Coordinate
+
+    path = tmp_path / "moe.gguf"
+    extra = {"blk.1.ffn_down_exps.weight": np.ones((8, 64, 128), np.float32)}
+    write_tiny_gguf(planted_llama().model, path, extra=extra)
+    export = export_gguf(
+        path, tmp_path / "out.gguf", super_weights=[Coordinate(module, 5, 100, expert=3)]
+    )
+    assert export.kept == {"blk.1.ffn_down_exps.weight": "F16"}
+    assert _types(tmp_path / "out.gguf")["blk.1.ffn_down_exps.weight"] == "F16"
+    with pytest.raises(ValueError, match="expert 8 is not in blk.1.ffn_down_exps.weight"):
+        export_gguf(path, tmp_path / "x.gguf", super_weights=[Coordinate(module, 5, 100, 8)])
+
+
 def test_progress_reports_the_tensors_written(source, tmp_path):
     lines: list[str] = []
     export_gguf(source, tmp_path / "out.gguf", progress=lines.append)

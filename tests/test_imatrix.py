@@ -201,9 +201,10 @@ def test_experts_get_one_row_and_one_count_per_expert(arch, tmp_path) -> None:
 
     reader = gguf.GGUFReader(fused.write_gguf(tmp_path / "moe.gguf"))
     tensors = {t.name: t for t in reader.tensors}
-    sums, counts = tensors["blk.1.ffn_down_exps.weight.in_sum2"], tensors[
-        "blk.1.ffn_down_exps.weight.counts"
-    ]
+    sums, counts = (
+        tensors["blk.1.ffn_down_exps.weight.in_sum2"],
+        tensors["blk.1.ffn_down_exps.weight.counts"],
+    )
     assert (sums.shape.tolist(), counts.shape.tolist()) == ([64, 8], [1, 8])
     assert counts.data.reshape(-1).tolist() == fused.counts[down].float().tolist()
     assert torch.equal(torch.from_numpy(sums.data.copy()), fused.in_sum2[down].float())

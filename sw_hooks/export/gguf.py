@@ -5,7 +5,9 @@ rounds a super weight together with its block; the llama.cpp convention for such
 is to write the tensors that hold them at a wider type. :func:`export_gguf` reads a GGUF
 source, copies every metadata key (tokenizer and all), quantizes each weight matrix with
 gguf's own quantizers and writes the super-weight tensors at ``keep`` (``f16`` or
-``q8_0``) instead. A super-weight manifest (:mod:`sw_hooks.export.manifest`) applied after
+``q8_0``) instead. What stays at its source type follows ``llama-quantize``'s rules
+(:mod:`sw_hooks.export.gguf_rules`: norms, the experts' router ``ffn_gate_inp``, position
+embeddings...). A super-weight manifest (:mod:`sw_hooks.export.manifest`) applied after
 loading restores the exact values on top.
 
 Only GGUF sources are read: a transformers checkpoint is converted to GGUF first
@@ -35,6 +37,7 @@ import numpy as np
 
 from sw_hooks.core.access import Coordinate, CoordinateLike, coordinates_of
 from sw_hooks.core.results import DetectionResult
+from sw_hooks.export.gguf_rules import allows_quantization
 from sw_hooks.export.manifest import Manifest
 
 Progress = Callable[[str], None]
@@ -49,6 +52,7 @@ _GGUF_MAGIC = b"GGUF"
 _SKIPPED_KEYS = ("general.architecture", "general.alignment", "general.file_type")
 _PROGRESS_STEPS = 10
 _INDEX = re.compile(r"\.(\d+)(?:\.|$)")
+_EXPERT_IN_PATH = re.compile(r"\.experts\.\d+\.")
 
 
 @dataclass(frozen=True)
@@ -104,10 +108,11 @@ def export_gguf(
     tensors = {tensor.name: tensor for tensor in reader.tensors}
     holding = _super_weight_tensors(reader, tensors, _coordinates(super_weights))
     kept_names = holding if kept_type is not None else set()
+    architecture = str(_field_value(reader, "general.architecture") or "")
     wanted = {
         name: kept_type if name in kept_names else target
         for name, tensor in tensors.items()
-        if _is_weight_matrix(tensor)
+        if allows_quantization(name, tensor.shape.tolist(), architecture)
     }
     unfit = {name for name, qtype in wanted.items() if not _fits(tensors[name], qtype)}
     plan = {
@@ -212,12 +217,19 @@ def _coordinates(
     return coordinates_of(list(super_weights))
 
 
-def gguf_tensor_name(module: str, architecture: str, block_count: int) -> str | None:
+def gguf_tensor_name(
+    module: str, architecture: str, block_count: int, expert: int | None = None
+) -> str | None:
     """The GGUF tensor holding the weight of the Hugging Face ``module``, by gguf's name map.
+
+    An expert's own down-projection (``...experts.3.down_proj``, with ``expert=3``) is held
+    by the layer's 3-D experts tensor, as llama.cpp merges the experts (``ffn_down_exps``).
 
     Example:
         >>> gguf_tensor_name("model.layers.11.mlp.down_proj", "llama", 30)
         'blk.11.ffn_down.weight'
+        >>> gguf_tensor_name("model.layers.1.mlp.experts.3.down_proj", "qwen2moe", 30, 3)
+        'blk.1.ffn_down_exps.weight'
     """
     import gguf
 
@@ -225,6 +237,8 @@ def gguf_tensor_name(module: str, architecture: str, block_count: int) -> str | 
     if arch is None:
         return None
     name_map = gguf.get_tensor_name_map(arch, block_count)
+    if expert is not None:
+        module = _EXPERT_IN_PATH.sub(".experts.", module)
     return name_map.get_name(f"{module}.weight", try_suffixes=(".weight",))
 
 
@@ -238,7 +252,7 @@ def _super_weight_tensors(
     for coordinate in coordinates:
         # A block past the file's count still gets its name, so the error can show it.
         blocks = max([int(block_count), *(int(n) + 1 for n in _INDEX.findall(coordinate.module))])
-        name = gguf_tensor_name(coordinate.module, architecture, blocks)
+        name = gguf_tensor_name(coordinate.module, architecture, blocks, coordinate.expert)
         if name is None or name not in tensors:
             raise ValueError(
                 f"{coordinate.module} names no tensor of this {architecture} GGUF file"
@@ -281,10 +295,6 @@ def _logical_shape(tensor: Any) -> tuple[int, ...]:
 
 
 # -- planning -------------------------------------------------------------------------------
-
-
-def _is_weight_matrix(tensor: Any) -> bool:
-    return tensor.name.endswith(".weight") and len(tensor.shape) >= 2
 
 
 def _fits(tensor: Any, qtype: Any) -> bool:

@@ -7,19 +7,19 @@ on the unablated model (the baseline) and with each candidate removed, and turns
 numbers into an **impact** that reads the same way for every loss: ``1`` when the weight
 changes nothing, and ``impact >= min_impact`` when it matters.
 
-======================  ====================  ==============================================
-loss                    models                impact (``min_impact=2`` means)
-======================  ====================  ==============================================
-:class:`Perplexity`     causal LMs            perplexity ratio (perplexity doubles)
-:class:`PseudoPerplexity`  masked LMs         pseudo-perplexity ratio (it doubles)
-:class:`OutputKL`       classifiers, seq2seq  ``exp(KL)``: the perplexity ratio of the
-                                              ablated model on labels drawn from the
-                                              unablated one (KL >= ln 2 nats)
-:class:`EmbeddingCosine`  encoders, embedders  baseline over ablated mean cosine
-                                              similarity (cosine to the unablated
-                                              embeddings <= 0.5, i.e. turned >= 60 deg)
-a plain callable        anything              loss ratio (the loss doubles)
-======================  ====================  ==============================================
+==========================  =====================  ===========================================
+loss                        models                 impact (``min_impact=2`` means)
+==========================  =====================  ===========================================
+:class:`Perplexity`         causal LMs             perplexity ratio (perplexity doubles)
+:class:`PseudoPerplexity`   masked LMs             pseudo-perplexity ratio (it doubles)
+:class:`OutputKL`           classifiers, seq2seq   ``exp(KL)``: the perplexity ratio of the
+                                                   ablated model on labels drawn from the
+                                                   unablated one (KL >= ln 2 nats)
+:class:`EmbeddingCosine`    encoders, embedders    baseline over ablated mean cosine
+                                                   similarity (cosine to the unablated
+                                                   embeddings <= 0.5, i.e. turned >= 60 deg)
+a plain callable            anything               loss ratio (the loss doubles)
+==========================  =====================  ===========================================
 
 :class:`OutputKL` and :class:`EmbeddingCosine` compare with the unablated model's outputs:
 :meth:`Loss.bind` computes that reference once, on the unablated model, and returns the loss

@@ -41,7 +41,7 @@ def _entry_names(module: str) -> list[tuple[str, str]]:
     homes = [(n, getattr(getattr(loaded, n), "__module__", module)) for n in names]
     if any(home == module for _, home in homes):
         return []
-    return [(n, f"{home}.{getattr(loaded, n).__qualname__}") for n, (_, home) in zip(names, homes)]
+    return [(n, f"{home}.{getattr(loaded, n).__qualname__}") for n, home in homes]
 
 
 def _section(module: str) -> list[str]:

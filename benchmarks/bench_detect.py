@@ -1,51 +1,75 @@
 """Detection with verification on SmolLM2-135M (loading excluded), and magnitude top-k throughput.
 
-Verification is timed three ways in one interleaved run: the previous method (every
+Verification is timed four ways in one interleaved run: the previous method (every
 candidate and the joint ablation over every window, full forwards), with prefix reuse,
-and with prefix reuse and screening (the default). Times are also given in
-forward-equivalents: over one plain 512-token forward timed in the same run.
+with prefix reuse and screening (the default), and the default block by block
+(:mod:`sw_hooks.analysis.streamed` on the model in memory: every window through a block
+before the next, the LM head on scored positions only). Times are also given in
+forward-equivalents: over one plain 512-token forward, and over one plain forward of the
+whole calibration text, both timed in the same run.
 
 python benchmarks/bench_detect.py [--tokens 1024] [--prompt-tokens 128] [--repeats 2]
+    [--variants "prefix reuse + screening (default),block by block (in memory)"]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+from dataclasses import asdict
 
 import torch
 
 from sw_hooks import calibration_text, load_model, tokenize
 from sw_hooks.analysis.detect import DetectionOptions, forward_on_device, run_detection
 from sw_hooks.analysis.magnitude import decoder_linears, largest_weights
+from sw_hooks.analysis.streamed import run_streamed_detection
+from sw_hooks.core.streaming import in_memory
 
-from _common import interleaved, paired_ratio, time_call, write
+from _common import interleaved, paired_ratio, write
 
 VARIANTS = {
     "previous (full forwards)": {"reuse_prefix": False, "screen_exponent": None},
     "prefix reuse": {"reuse_prefix": True, "screen_exponent": None},
     "prefix reuse + screening (default)": {},
+    "block by block (in memory)": {},
 }
+BLOCK_MAJOR = "block by block (in memory)"
+"""Detection through :func:`sw_hooks.analysis.streamed.run_streamed_detection` (every window
+through a block before the next; the LM head on scored positions only), default options."""
 
 
-def compare_verification(model, calibration, prompt, repeats: int) -> dict[str, object]:
-    """Detection with verification under each variant, interleaved, in forward-equivalents."""
-    forward = statistics.median(
-        time_call(lambda: forward_on_device(model, calibration[:, :512])) for _ in range(3)
-    )
+def compare_verification(
+    model, calibration, prompt, repeats: int, variants: list[str]
+) -> dict[str, object]:
+    """Detection with verification under each variant, interleaved, in forward-equivalents:
+    over one plain 512-token forward, and over one plain forward of the whole calibration
+    text (both timed in this run)."""
     results: dict[str, object] = {}
+    plain = {"512-token forward": lambda: forward_on_device(model, calibration[:, :512]),
+             "calibration-text forward": lambda: forward_on_device(model, calibration)}  # fmt: skip
 
     def run(name: str):
         def call() -> None:
             options = DetectionOptions(**VARIANTS[name])
-            results[name] = run_detection(model, prompt, calibration=calibration, options=options)
+            if name == BLOCK_MAJOR:
+                streamed = run_streamed_detection(
+                    in_memory(model), prompt, calibration=calibration, options=options
+                )
+                results[name], results["block-major cost"] = streamed.result, streamed.cost
+            else:
+                results[name] = run_detection(
+                    model, prompt, calibration=calibration, options=options
+                )
 
         return call
 
-    times = interleaved({name: run(name) for name in VARIANTS}, repeats, warmup=0)
+    times = interleaved(plain | {name: run(name) for name in variants}, repeats, warmup=0)
+    forward = statistics.median(times["512-token forward"])
+    text_forward = statistics.median(times["calibration-text forward"])
     rows = {}
-    reference = results["previous (full forwards)"]
-    for name in VARIANTS:
+    reference = results[variants[0]]
+    for name in variants:
         seconds = statistics.median(times[name])
         result = results[name]
         drift = max(
@@ -58,17 +82,20 @@ def compare_verification(model, calibration, prompt, repeats: int) -> dict[str, 
         rows[name] = {
             "seconds": seconds,
             "forward_equivalents": seconds / forward,
-            "vs_previous": paired_ratio(times, name, "previous (full forwards)"),
+            "calibration_text_forwards": seconds / text_forward,
+            "vs_first": paired_ratio(times, name, variants[0]),
             "same_verdicts": same,
             "max_impact_change": drift,
             "impacts": [w.impact for w in result.super_weights],
         }
         print(
             f"{name:38s} {seconds:6.1f} s  {seconds / forward:5.1f} forwards  "
-            f"x{rows[name]['vs_previous']:.2f}  verdicts same: {same}  "
-            f"max impact change {drift:.2%}"
+            f"{seconds / text_forward:5.1f} text forwards  x{rows[name]['vs_first']:.2f}  "
+            f"verdicts same: {same}  max impact change {drift:.2%}"
         )
-    return {"forward_seconds": forward, "variants": rows}
+    cost = results.get("block-major cost")
+    return {"forward_seconds": forward, "calibration_text_forward_seconds": text_forward,
+            "variants": rows, "block_major_cost": asdict(cost) if cost else None}  # fmt: skip
 
 
 def main() -> None:
@@ -76,11 +103,14 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="comma-separated; the first is the reference")  # fmt: skip
     args = parser.parse_args()
     model, tokenizer = load_model()
     calibration = tokenize(tokenizer, calibration_text(), max_tokens=args.tokens)
     prompt = calibration[:, : args.prompt_tokens]
-    verification = compare_verification(model, calibration, prompt, args.repeats)
+    variants = args.variants.split(",")
+    verification = compare_verification(model, calibration, prompt, args.repeats, variants)
     result = run_detection(model, prompt, calibration=calibration)
 
     linears = decoder_linears(model)

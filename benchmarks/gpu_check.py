@@ -155,10 +155,29 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--backend", default="inductor", help="torch.compile backend")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu_check.json"))
+    parser.add_argument(
+        "--cli",
+        action="store_true",
+        help="also run sw-hooks detect --device DEVICE --dtype bfloat16 with "
+        "verification on SmolLM2 and the 7B-shaped checkpoint (_gpu_cli)",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="build_7b.py's folder for --cli (built there when empty)",
+    )
+    parser.add_argument("--no-smollm2", action="store_true", help="--cli without SmolLM2")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("CUDA is not available; use --device cpu --small")
     figures = check(args)
+    if args.cli:
+        from _gpu_cli import cli_runs
+
+        figures["cli"] = cli_runs(
+            args.device, args.small, args.checkpoint, args.tokens, smollm2=not args.no_smollm2
+        )
     for key, value in figures.items():
         shown = f"{value:.4f}" if isinstance(value, float) else value
         print(f"{key:>26}  {shown}")

@@ -38,3 +38,20 @@ def test_gpu_check_runs_small_on_cpu(tmp_path):
     assert figures["candidates"] == 1
     assert figures["compiled_recorded_max_rel_diff"] < 1e-2
     assert "peak_memory_delta_bytes" not in figures  # measured on CUDA only
+
+
+@pytest.mark.slow
+def test_gpu_check_cli_runs_the_command_with_device_and_dtype(tmp_path, monkeypatch):
+    """``--cli``'s runs on the CPU with the tiny planted checkpoint: in memory and streamed,
+    the planted weight is verified, and each command carried ``--device`` and ``--dtype``."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    from _gpu_cli import cli_runs
+
+    runs = cli_runs("cpu", small=True, checkpoint=tmp_path / "planted", tokens=64, smollm2=False)
+    assert set(runs) == {"planted in memory", "planted --stream"}
+    for run in runs.values():
+        assert run["returncode"] == 0, run["stderr_tail"]
+        assert run["verdict"] == "super"
+        assert run["argv"][run["argv"].index("--device") + 1] == "cpu"
+        assert run["argv"][run["argv"].index("--dtype") + 1] == "bfloat16"
+    assert runs["planted --stream"]["impact"] == pytest.approx(runs["planted in memory"]["impact"], rel=1e-6)

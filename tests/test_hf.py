@@ -24,13 +24,13 @@ class Sequences(torch.utils.data.Dataset):
         return {"input_ids": self.ids[index], "labels": self.ids[index]}
 
 
-def train(tmp_path, callback: SuperWeightCallback, weight_decay: float = 0.0):
+def train(tmp_path, callback: SuperWeightCallback, weight_decay: float = 0.0, lr: float = 1e-2):
     model = planted_llama().model.train()
     args = TrainingArguments(
         output_dir=str(tmp_path),
         max_steps=3,
         per_device_train_batch_size=2,
-        learning_rate=1e-2,
+        learning_rate=lr,
         weight_decay=weight_decay,
         report_to=[],
         save_strategy="no",
@@ -77,3 +77,32 @@ def test_callback_rejects_bad_arguments() -> None:
         SuperWeightCallback(guard="lock")
     with pytest.raises(ValueError, match="every_n_steps must be a positive integer"):
         SuperWeightCallback(every_n_steps=0)
+
+
+def test_trainer_callback_verifies_candidates_and_guards_the_super_weight(tmp_path) -> None:
+    # No weights given: the callback finds both spike pairs and measures them on the first
+    # training batch (lr 1e-3: a 64-wide model keeps its planted weight after one step).
+    callback = SuperWeightCallback(every_n_steps=1, guard="restore")
+    trainer, before, after = train(tmp_path, callback, weight_decay=0.01, lr=1e-3)
+    assert callback.session.verifier.batch_source == "first recorded batch"
+    found = [(e.kind, e.module, e.row, e.col, e.verdict) for e in callback.events]
+    assert found == [
+        ("found", *SUPER, "super"),
+        ("found", "model.layers.3.mlp.down_proj", 9, 33, "candidate"),
+    ]
+    planted, decoy = callback.candidates
+    assert planted.impact > 2.0 and decoy.impact == pytest.approx(1.0, abs=0.1)
+    assert callback.guard.coordinates == [SUPER]
+    assert float(after[5, 17]) == planted.value  # guarded from step 1, at its value then
+    logged = [h for h in trainer.state.log_history if "sw/train/candidates" in h]
+    assert [(h["sw/train/candidates"], h["sw/train/super_weights"]) for h in logged] == [
+        (2.0, 1.0)
+    ] * 3
+
+
+def test_watch_measures_on_a_calibration_batch(planted) -> None:
+    with watch(planted.model, calibration=planted.calibration_ids(64)) as seen:
+        planted.model.generate(planted.prompt()[:, :3], max_new_tokens=4, do_sample=False)
+    assert [(e.row, e.verdict) for e in seen.events] == [(5, "super"), (9, "candidate")]
+    assert seen.values["sw/watch/super_weights"] == 1.0
+    assert seen.values["sw/watch/layer_1.row_5.col_17/impact"] > 2.0

@@ -111,9 +111,12 @@ def test_tracker_state_round_trips(planted) -> None:
     restored = SpikeTracker()
     restored.load_state_dict(seen.tracker.state_dict())
     assert restored.state_dict() == seen.tracker.state_dict()
-    assert [w.coordinate for w in restored.super_weights] == [
+    assert [w.coordinate for w in restored.candidates] == [
         ("model.layers.1.mlp.down_proj", 5, 17),
         ("model.layers.3.mlp.down_proj", 9, 33),
+    ]
+    assert [w.coordinate for w in restored.super_weights] == [
+        ("model.layers.1.mlp.down_proj", 5, 17)
     ]
 
 
@@ -126,7 +129,9 @@ def test_metric_values_names_are_stable(planted) -> None:
     assert (
         values["sw/train/layer_1.row_5.col_17/activation"] == values["sw/train/layer_1/output_max"]
     )
-    assert values["sw/train/super_weights"] == 2.0
+    assert values["sw/train/candidates"] == 2.0 and values["sw/train/super_weights"] == 1.0
+    assert values["sw/train/layer_1.row_5.col_17/impact"] > 2.0
+    assert values["sw/train/layer_3.row_9.col_33/impact"] < 1.1
     assert values["sw/events/found"] == 2.0 and values["sw/events/collapsed"] == 0.0
     assert values["sw/event/found/layer_3.row_9.col_33"] == 1.0
     assert metric_values({}, SpikeTracker(), {}, stage="val")["sw/val/super_weights"] == 0.0
@@ -294,11 +299,13 @@ def test_guard_callback_holds_weight_while_neighbours_move(tmp_path, mode, weigh
 
 
 def test_guard_follows_monitor(tmp_path) -> None:
-    module = CausalLM(planted_llama().model, lr=1e-2, weight_decay=0.01)
+    # lr 1e-2 rewires a 64-wide model in one step: the planted weight no longer matters then.
+    module = CausalLM(planted_llama().model, lr=1e-3, weight_decay=0.01)
     run = trainer(tmp_path, [SuperWeightMonitor(every_n_steps=1), SuperWeightGuard()])
-    run.fit(module, batches())
+    run.fit(module, batches(), batches(4))
     monitor, guard = run.callbacks[:2]
-    assert guard.guarded == [SUPER, DECOY]
+    assert guard.guarded == [SUPER]  # the decoy is a measured candidate: not guarded
+    assert float(weight(module, DECOY)) != 8.0
     value_after_step_0 = monitor.super_weights[0].value  # guarded from step 1 on
     assert float(weight(module, SUPER)) == value_after_step_0 != 8.0
 
@@ -349,3 +356,85 @@ def test_monitor_without_locations_still_flags_the_planted_weight(tmp_path) -> N
         ("found", *DECOY),
     ]
     assert all(bool((s.output.token == -1).all()) for s in monitor.last_stats.values())
+
+
+# -- verification: a candidate is called super only once measured -------------------------
+def test_monitor_verifies_candidates_through_fit(tmp_path) -> None:
+    monitor = SuperWeightMonitor(every_n_steps=2)
+    trainer(tmp_path, [monitor]).fit(CausalLM(planted_llama().model), batches(), batches(4))
+    assert monitor.session.verifier.batch_source == "first validation batch"
+    assert [w.coordinate for w in monitor.super_weights] == [SUPER]
+    planted, decoy = monitor.candidates
+    assert (planted.coordinate, planted.verdict) == (SUPER, "super") and planted.impact > 2.0
+    assert (decoy.coordinate, decoy.verdict) == (DECOY, "candidate")
+    assert decoy.impact == pytest.approx(1.0, abs=0.1)  # its row is hidden from the LM head
+    assert [(e.kind, e.verdict, e.impact) for e in monitor.events] == [
+        ("found", "super", planted.impact),
+        ("found", "candidate", decoy.impact),
+    ]
+    assert monitor.events[0].describe().startswith("super weight net.model.layers.1")
+    assert monitor.events[1].describe().startswith("candidate super weight net.model.layers.3")
+    first = next(r for r in logged_rows(tmp_path) if r.get("sw/train/super_weights"))
+    assert float(first["sw/train/super_weights"]) == 1.0
+    assert float(first["sw/train/candidates"]) == 2.0
+    assert float(first["sw/train/layer_1.row_5.col_17/impact"]) == pytest.approx(planted.impact)
+    assert float(first["sw/train/layer_3.row_9.col_33/impact"]) == pytest.approx(decoy.impact)
+
+
+def test_monitor_measures_each_candidate_once_and_not_again_after_resume(
+    tmp_path, monkeypatch
+) -> None:
+    from sw_hooks.training import verification
+
+    measured: list[list[str]] = []
+
+    def counting(model, candidates, ids, settings):
+        measured.append([c.module for c in candidates])
+        return real(model, candidates, ids, settings)
+
+    real = verification.measure_impacts
+    monkeypatch.setattr(verification, "measure_impacts", counting)
+    first = SuperWeightMonitor(every_n_steps=1)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    run = trainer(tmp_path, [first, checkpoints], enable_checkpointing=True, max_steps=3)
+    run.fit(CausalLM(planted_llama().model), batches(), batches(4))
+    assert measured == [["model.layers.1.mlp.down_proj", "model.layers.3.mlp.down_proj"]]
+    saved = torch.load(tmp_path / "ckpt/last.ckpt", weights_only=False)["callbacks"]
+    events = saved[first.state_key]["tracker"]["events"]
+    assert [(e["verdict"], e["impact"]) for e in events] == [
+        (e.verdict, e.impact) for e in first.events
+    ]
+    second = SuperWeightMonitor(every_n_steps=1)
+    resumed = trainer(tmp_path, [second], max_steps=5)
+    resumed.fit(
+        CausalLM(planted_llama().model),
+        batches(),
+        batches(4),
+        ckpt_path=tmp_path / "ckpt/last.ckpt",
+    )
+    assert len(measured) == 1  # nothing measured twice
+    assert second.candidates == first.candidates
+
+
+def test_guard_and_ablation_default_to_verified_super_weights(tmp_path) -> None:
+    class Probe(Callback):
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, *_) -> None:
+            self.seen = (float(weight(pl_module, SUPER)), float(weight(pl_module, DECOY)))
+
+    module = CausalLM(planted_llama().model, weight_decay=0.01)
+    monitor, guard = SuperWeightMonitor(every_n_steps=1), SuperWeightGuard()
+    ablation, probe = SuperWeightAblation(compare=False), Probe()
+    trainer(tmp_path, [monitor, guard, ablation, probe]).fit(module, batches(), batches(4))
+    assert guard.guarded == [SUPER]
+    assert probe.seen[0] == 0.0 and probe.seen[1] != 0.0  # the decoy is not masked
+    assert float(weight(module, DECOY)) != monitor.candidates[1].value  # nor guarded
+
+
+def test_monitor_without_verification_acts_on_every_candidate(tmp_path) -> None:
+    monitor, guard = SuperWeightMonitor(every_n_steps=1, verify=False), SuperWeightGuard()
+    trainer(tmp_path, [monitor, guard]).fit(CausalLM(planted_llama().model), batches())
+    assert guard.guarded == [SUPER, DECOY]
+    assert monitor.super_weights == [] and len(monitor.candidates) == 2
+    assert all(e.impact is None and e.verdict == "candidate" for e in monitor.events)
+    assert monitor.events[0].describe().endswith("impact not measured")
+    assert monitor.last_values["sw/train/candidates"] == 2.0

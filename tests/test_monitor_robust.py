@@ -134,6 +134,11 @@ def test_lightning_monitor_skips_an_overflowing_step_and_warns_once(tmp_path) ->
         ("found", 0, "net." + DECOY[0]),
     ]
     assert monitor.state_dict()["nonfinite_steps"] == 1
+    # Step 0's measurement ran into step 1's overflow: the candidates stayed unmeasured,
+    # with a warning, and were measured at the next finite recording.
+    assert [e.impact for e in monitor.events] == [None, None]
+    assert any("could not measure candidate(s)" in str(w.message) for w in caught)
+    assert [w.verdict for w in monitor.candidates] == ["super", "candidate"]
 
 
 def test_lightning_monitor_warns_once_for_several_overflows(tmp_path) -> None:

@@ -88,7 +88,12 @@ def test_session_flags_every_event_at_its_step() -> None:
             if step == 6:
                 plant_super_weight(planted, 4, *NEW[1:], trigger_token=NEW_TRIGGER)
 
-    session = MonitorSession(planted.model, every_n_steps=1, collapse_factor=4.0)
+    # Measured on a calibration batch: the training batches put NEW_TRIGGER where the
+    # super weight confidently predicts its target, which zeroing it helps.
+    calibration = planted.calibration_ids(64)
+    session = MonitorSession(
+        planted.model, every_n_steps=1, collapse_factor=4.0, calibration=calibration
+    )
     decided = train(planted, session, steps=7, before_step=change, hidden_trigger_steps=(2,))
     assert decided == [0, 1, 2, 3, 4, 5, 6]
     assert events(session) == [
@@ -100,10 +105,16 @@ def test_session_flags_every_event_at_its_step() -> None:
         ("recovered", 5, *SUPER),
         ("appeared", 6, *NEW),
     ]
+    verdicts = {(e.module, e.row, e.col): e.verdict for e in session.events}
+    assert verdicts == {
+        SUPER: "super",
+        ("model.layers.7.mlp.down_proj", 9, 33): "candidate",
+        NEW: "candidate",  # planted without a target: measured, and harmless
+    }
     values = session.last_values
     assert values["sw/events/found"] == 2.0 and values["sw/events/recovered"] == 2.0
     assert values["sw/event/appeared/layer_4.row_7.col_40"] == 1.0
-    assert values["sw/train/super_weights"] == 3.0
+    assert values["sw/train/candidates"] == 3.0 and values["sw/train/super_weights"] == 1.0
     assert not down_proj(planted, 1)._forward_hooks  # nothing left attached
 
 
@@ -212,8 +223,11 @@ def test_session_loads_the_callbacks_earlier_layouts(planted) -> None:
 
 
 def test_session_reduced_through_channel_max_decides_alike(planted) -> None:
-    plain = MonitorSession(planted.model, every_n_steps=1)
-    reduced = MonitorSession(planted.model, every_n_steps=1, reduce_across_processes=True)
+    # Both record one model: one session's measurement would run through the other's hooks.
+    plain = MonitorSession(planted.model, every_n_steps=1, verify=False)
+    reduced = MonitorSession(
+        planted.model, every_n_steps=1, reduce_across_processes=True, verify=False
+    )
     for session in (plain, reduced):
         session.start(0)
     with torch.no_grad():

@@ -23,14 +23,11 @@ from typing import Any
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from sw_hooks.analysis.verify import VerifySettings
 from sw_hooks.core.access import Coordinate
 from sw_hooks.core.results import SuperWeight
 from sw_hooks.training.guard import GUARD_MODES, WeightGuard
-from sw_hooks.training.monitor import (
-    WARNING_KINDS,
-    Decision,
-    NonFiniteWarning,
-)
+from sw_hooks.training.monitor import Decision, NonFiniteWarning
 from sw_hooks.training.session import MonitorSession, SessionReadouts, watch
 
 __all__ = ["SuperWeightCallback", "watch"]
@@ -41,8 +38,10 @@ class SuperWeightCallback(SessionReadouts, TrainerCallback):
 
     Every ``every_n_steps`` optimizer steps it records the down-projections over that
     step's micro-batches, reduces the maxima across processes (max), folds them into a
-    :class:`~sw_hooks.training.monitor.SpikeTracker` and warns about each new, collapsed or drifted
-    super weight. The scalars (names as in :func:`~sw_hooks.training.monitor.metric_values`) are
+    :class:`~sw_hooks.training.monitor.SpikeTracker`, measures each new candidate once (its
+    perplexity ratio when zeroed, on ``calibration`` or else the first evaluation batch, else
+    the first training batch) and warns about each new, collapsed or drifted weight not
+    measured harmless. The scalars (names as in :func:`~sw_hooks.training.monitor.metric_values`) are
     appended to ``state.log_history`` on the main process (saved in ``trainer_state.json``)
     and kept in :attr:`last_values`. A recording holding a NaN or infinite activation (an
     fp16 overflow) is skipped, warned about once and counted in ``sw/nonfinite_steps``.
@@ -51,8 +50,10 @@ class SuperWeightCallback(SessionReadouts, TrainerCallback):
         super_weights: weights known in advance; others are found on the fly.
         every_n_steps: record one optimizer step out of this many.
         guard: ``None``, ``"restore"`` or ``"freeze"`` (see :mod:`sw_hooks.training.guard`); guards
-            ``super_weights``, or those found at the first recording if none were given.
-        pattern, collapse_factor, drift_fraction, spike_options, prefix, strict: as for
+            ``super_weights``, or if none were given the super weights verified at the first
+            recording that finds any (every candidate under ``verify=False``).
+        pattern, collapse_factor, drift_fraction, spike_options, prefix, strict, verify,
+            calibration, verify_settings: as for
             :class:`sw_hooks.training.lightning.SuperWeightMonitor`.
     """
 
@@ -68,6 +69,9 @@ class SuperWeightCallback(SessionReadouts, TrainerCallback):
         spike_options: dict[str, Any] | None = None,
         prefix: str = "sw",
         strict: bool = False,
+        verify: bool = True,
+        calibration: Any = None,
+        verify_settings: VerifySettings | None = None,
     ) -> None:
         if guard is not None and guard not in GUARD_MODES:
             raise ValueError(f"guard must be None or one of {GUARD_MODES}, got {guard!r}")
@@ -87,13 +91,19 @@ class SuperWeightCallback(SessionReadouts, TrainerCallback):
             strict=strict,
             warn=self._warn_on_main,
             reduce_across_processes=True,
+            verify=verify,
+            calibration=calibration,
+            verify_settings=verify_settings,
         )
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None = None, optimizer: Any = None, **kwargs: Any) -> None:  # fmt: skip
         self._model, self._optimizer = model, getattr(optimizer, "optimizer", optimizer)
         self._main = state.is_world_process_zero
         self.session.bind(model)  # a clear ValueError if there are no down-projections
-        self._guard(self.session.super_weights)
+        evaluation = kwargs.get("eval_dataloader")
+        if evaluation is not None:
+            self.session.hold_out(next(iter(evaluation)), "first evaluation batch")
+        self._guard(self.session.targets)
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:  # fmt: skip
         self.session.start(state.global_step)
@@ -104,7 +114,7 @@ class SuperWeightCallback(SessionReadouts, TrainerCallback):
             return
         self._report(state, decided)
         if self.guard is None:
-            self._guard(self.session.super_weights)
+            self._guard(self.session.targets)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:  # fmt: skip
         self.session.stop()
@@ -132,6 +142,6 @@ class SuperWeightCallback(SessionReadouts, TrainerCallback):
         if not state.is_world_process_zero:
             return
         for event in decided.events:
-            if event.kind in WARNING_KINDS:
+            if event.alarming:
                 warnings.warn(event.describe(), stacklevel=2)
         state.log_history.append({**decided.values, "step": self.session.step})

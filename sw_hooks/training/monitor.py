@@ -40,6 +40,7 @@ from sw_hooks.training.nonfinite import (
     warn_nonfinite,
 )
 from sw_hooks.training.tracker import (
+    Measure,
     Recording,
     SpikeTracker,
     ValueReader,
@@ -54,6 +55,7 @@ __all__ = [
     "EVENT_KINDS",
     "WARNING_KINDS",
     "Decision",
+    "Measure",
     "NonFiniteActivation",
     "NonFiniteActivationError",
     "NonFiniteSteps",
@@ -95,12 +97,14 @@ def fold_recording(
     step: int,
     stage: str,
     prefix: str = "sw",
+    measure: Measure | None = None,
 ) -> Decision:
     """Fold one (already reduced) recording into ``tracker``, unless it is not finite.
 
     The step every monitor takes per recording, so they all decide alike. A skipped
     recording causes no events and logs only the totals (``super_weights``, event counts,
     ``nonfinite_steps``). ``stats`` is keyed by unit (or by dense module name).
+    ``measure`` verifies new candidates (see :meth:`SpikeTracker.update`).
     """
     stats = as_units(stats)
     if not nonfinite.admit(stats, step=step, stage=stage):
@@ -109,7 +113,7 @@ def fold_recording(
         )
         return Decision([], values, skipped=True)
     with torch.no_grad():
-        events = tracker.update(model, stats, step=step, stage=stage)
+        events = tracker.update(model, stats, step=step, stage=stage, measure=measure)
         current = tracker.current(model, stats)
     values = metric_values(
         stats, tracker, current, events, stage=stage, prefix=prefix, nonfinite_steps=nonfinite.count
@@ -131,10 +135,11 @@ def metric_values(
 
     * ``<layer>/input_max``, ``<layer>/output_max``: the down-projection's largest
       ``|input|`` and ``|output|`` (``<layer>`` is ``layer_<L>``);
-    * ``<weight>/value``, ``<weight>/activation``: each known super weight's value and its
+    * ``<weight>/value``, ``<weight>/activation``: each tracked weight's value and its
       super activation (``|output|`` at its row), ``<weight>`` being
-      ``layer_<L>.row_<r>.col_<c>``;
-    * ``super_weights``: how many are known; ``events/<kind>``: events of each kind so far;
+      ``layer_<L>.row_<r>.col_<c>``; ``<weight>/impact`` once it is measured;
+    * ``candidates``: how many spike pairs are tracked; ``super_weights``: how many of them
+      are super weights (measured so, or given); ``events/<kind>``: events of each kind so far;
     * ``event/<kind>/<weight>``: ``1.0`` at the recording where that event happened;
     * ``<prefix>/nonfinite_steps``: recordings skipped so far for a NaN or infinite
       activation (see :class:`NonFiniteSteps`).
@@ -148,10 +153,14 @@ def metric_values(
             if maxima is not None:
                 name = f"{base}/{tag}/{side}_max"
                 values[name] = max(values.get(name, 0.0), float(maxima.abs_max.max()))
+    impacts = {w.coordinate: w.impact for w in tracker.candidates}
     for coordinate, (value, activation) in current.items():
         tag = weight_tag(coordinate.module, coordinate.row, coordinate.col, coordinate.expert)
         values[f"{base}/{tag}/value"] = float(value)
         values[f"{base}/{tag}/activation"] = float(activation)
+        if impacts.get(coordinate) is not None:
+            values[f"{base}/{tag}/impact"] = float(impacts[coordinate])
+    values[f"{base}/candidates"] = float(len(tracker.candidates))
     values[f"{base}/super_weights"] = float(len(tracker.super_weights))
     for kind in EVENT_KINDS:
         values[f"{prefix}/events/{kind}"] = float(sum(e.kind == kind for e in tracker.events))

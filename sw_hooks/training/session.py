@@ -4,7 +4,8 @@ The loop every monitor runs is written here once: attach a recorder when a step 
 (:meth:`MonitorSession.start`), remove it and max-reduce what it recorded across processes
 (:class:`~sw_hooks.training.metrics.ChannelMax`, optional), skip a recording holding a NaN or
 infinite activation (:class:`~sw_hooks.training.monitor.NonFiniteSteps`), fold it into a
-:class:`~sw_hooks.training.monitor.SpikeTracker` and name the scalars to log
+:class:`~sw_hooks.training.monitor.SpikeTracker`, measure each new candidate once
+(:class:`~sw_hooks.training.verification.CandidateVerifier`) and name the scalars to log
 (:meth:`MonitorSession.finish`). The Lightning callback, the Hugging Face callback and
 :func:`watch` only translate their own hooks into these calls, and report (warn, log)
 in their framework's way. Nothing here imports a training framework.
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sw_hooks.analysis.verify import VerifySettings
 from sw_hooks.core.access import CoordinateLike
 from sw_hooks.core.experts import ExpertsModule
 from sw_hooks.core.maxima import ExpertStats
@@ -37,10 +39,11 @@ from sw_hooks.training.monitor import (
     fold_recording,
     warn_nonfinite,
 )
+from sw_hooks.training.verification import CandidateVerifier
 
 
 class MonitorSession:
-    """Monitor a model's super weights over a run: the recorder, reduction, tracker and counts.
+    """Monitor a model's super weights over a run: the recorder, reduction, tracker, verification.
 
     Call :meth:`start` before a step's forward passes and :meth:`finish` after them; a
     step is recorded when ``step % every_n_steps == 0`` (or with ``start(step,
@@ -50,6 +53,12 @@ class MonitorSession:
     :attr:`last_stats`. The history (tracker, skipped-step count, last values) is saved by
     :meth:`state_dict`.
 
+    A spike pair is a *candidate*. With ``verify=True`` (default) each new candidate's
+    impact is measured once, when it first shows (:mod:`sw_hooks.training.verification`),
+    on the ``calibration`` batch, else on the batch given to :meth:`hold_out` (the first
+    validation batch), else on the first batch the model ran on while recorded: only those
+    that reach ``verify_settings.min_impact`` are :attr:`super_weights`.
+
     The model can be given now or later with :meth:`bind` (a training framework hands it
     over only at setup, while the history must exist from the start).
 
@@ -58,8 +67,9 @@ class MonitorSession:
         pattern: where the down-projections are, for unknown architectures (a glob or
             compiled regex, as :func:`~sw_hooks.core.locate.find_down_projections`).
         every_n_steps: record one step out of this many.
-        super_weights: weights to watch from the start (names relative to ``model`` or to
-            a model it holds); others are found on the fly.
+        super_weights: super weights to watch from the start (names relative to ``model``
+            or to a model it holds), taken as such without measuring; others are found on
+            the fly.
         collapse_factor, drift_fraction, spike_options: see
             :class:`~sw_hooks.training.monitor.SpikeTracker`.
         prefix: the first component of every scalar's name.
@@ -72,6 +82,11 @@ class MonitorSession:
             :class:`~sw_hooks.training.metrics.ChannelMax` before deciding (a no-op on one process),
             so every rank decides alike; every rank must then call :meth:`finish`.
         process_group: the group to reduce over (default: every process).
+        verify: measure each new candidate; ``False`` measures nothing, and the guard and the
+            ablation act on every candidate (:attr:`targets`).
+        calibration: the held-out batch to measure on (token ids ``[batch, tokens]``, a dict
+            with ``input_ids``, or a tuple starting with them).
+        verify_settings: the threshold and window of the measurement.
 
     Example:
         >>> from sw_hooks.testing import planted_llama
@@ -81,8 +96,8 @@ class MonitorSession:
         True
         >>> with torch.no_grad():
         ...     _ = planted.model(planted.prompt())
-        >>> [(e.kind, e.row, e.col) for e in session.finish("train").events]
-        [('found', 5, 17), ('found', 9, 33)]
+        >>> [(e.kind, e.row, e.col, e.verdict) for e in session.finish("train").events]
+        [('found', 5, 17, 'super'), ('found', 9, 33, 'candidate')]
     """
 
     def __init__(
@@ -101,6 +116,9 @@ class MonitorSession:
         locations: Locations = LOCATED_CHANNELS,
         reduce_across_processes: bool = False,
         process_group: Any = None,
+        verify: bool = True,
+        calibration: Any = None,
+        verify_settings: VerifySettings | None = None,
     ) -> None:
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}")
@@ -123,6 +141,9 @@ class MonitorSession:
         self._experts: dict[str, ExpertsModule] = {}
         self._metric: ChannelMax | None = None
         self._recorder: Recorder | None = None
+        self.verifier = (
+            CandidateVerifier(verify_settings, calibration, process_group) if verify else None
+        )
         if model is not None:
             self.bind(model)
 
@@ -133,9 +154,21 @@ class MonitorSession:
         return list(self.tracker.events)
 
     @property
+    def candidates(self) -> list[SuperWeight]:
+        """Every weight tracked, with the value it had when first seen and, once measured,
+        its impact and verdict."""
+        return self.tracker.candidates
+
+    @property
     def super_weights(self) -> list[SuperWeight]:
-        """Every known super weight, with the value it had when first seen."""
+        """The super weights: candidates measured so, and weights given as such."""
         return self.tracker.super_weights
+
+    @property
+    def targets(self) -> list[SuperWeight]:
+        """What the guard and the ablation act on: the super weights; every candidate when
+        nothing is measured (``verify=False``)."""
+        return self.super_weights if self.verifier is not None else self.candidates
 
     @property
     def nonfinite_steps(self) -> int:
@@ -177,6 +210,11 @@ class MonitorSession:
         self._metric = None  # made at the first reduction, once the modules are known
         return self
 
+    def hold_out(self, batch: Any, source: str = "first validation batch") -> None:
+        """Measure candidates on ``batch``, unless a calibration batch was given."""
+        if self.verifier is not None:
+            self.verifier.hold_out(batch, source=source)
+
     def due(self, step: int) -> bool:
         """Whether ``step`` is on the schedule."""
         return step % self.every_n_steps == 0
@@ -189,6 +227,8 @@ class MonitorSession:
                 model, self._modules, experts=self._experts, locations=self.locations
             )
             self.step = step
+            if self.verifier is not None:
+                self.verifier.capture_first_inputs(model, list(self._modules))
         return self._recorder is not None
 
     def stop(self) -> dict[str, ChannelStats | ExpertStats]:
@@ -201,6 +241,8 @@ class MonitorSession:
         self._recorder.remove()
         self._recorder.reset()
         self._recorder = None
+        if self.verifier is not None:
+            self.verifier.release()
         return stats
 
     def finish(self, stage: str = "train") -> Decision | None:
@@ -223,8 +265,9 @@ class MonitorSession:
         if self._recorder is None:
             return None
         stats = self._recorder.all_stats
-        self._recorder.reset()
-        return self.decide(stats, stage=stage, step=step)
+        decided = self.decide(stats, stage=stage, step=step)
+        self._recorder.reset()  # after the decision: what its measurement ran is not kept
+        return decided
 
     def decide(
         self, stats: Mapping[str, ChannelStats | ExpertStats], *, stage: str, step: int
@@ -245,6 +288,7 @@ class MonitorSession:
             step=step,
             stage=stage,
             prefix=self.prefix,
+            measure=self._measure,
         )
         if not decided.skipped:
             self.last_stats = reduced
@@ -272,6 +316,12 @@ class MonitorSession:
         self.nonfinite.count = int(state.get("nonfinite_steps", 0))
 
     # -- helpers -------------------------------------------------------------------------
+    def _measure(self, candidates: list[SuperWeight]) -> list[SuperWeight]:
+        if self.verifier is None:
+            return candidates
+        self.verifier.release()  # the measurement's own forwards are not a batch to keep
+        return self.verifier.measure(self._bound_model(), candidates)
+
     def _bound_model(self) -> nn.Module:
         if self._model is None:
             raise RuntimeError("MonitorSession has no model: call bind(model) first")
@@ -325,6 +375,10 @@ class SessionReadouts:
     @property
     def events(self) -> list[WeightEvent]:
         return self.session.events
+
+    @property
+    def candidates(self) -> list[SuperWeight]:
+        return self.session.candidates
 
     @property
     def super_weights(self) -> list[SuperWeight]:
@@ -386,6 +440,8 @@ def watch(
     step: int = 0,
     stage: str = "watch",
     strict: bool = False,
+    verify: bool = True,
+    calibration: Any = None,
 ) -> Iterator[Watch]:
     """Record the down-projections inside the block; on exit, fold the recording into ``tracker``.
 
@@ -395,15 +451,19 @@ def watch(
     in ``sw/nonfinite_steps`` and warned about once; ``strict=True`` raises
     :class:`~sw_hooks.training.monitor.NonFiniteActivationError` instead.
 
+    Each new candidate is measured (``verify``) on ``calibration``, else on the first input
+    the model ran on inside the block (a prompt of one token cannot be measured on: its
+    candidates stay unmeasured).
+
     Example:
         >>> from sw_hooks.testing import planted_llama
         >>> planted = planted_llama()
-        >>> with watch(planted.model) as w, torch.no_grad():
+        >>> with watch(planted.model, calibration=planted.calibration_ids()) as w, torch.no_grad():
         ...     _ = planted.model(planted.prompt())
-        >>> [e.kind for e in w.events], w.values["sw/watch/super_weights"]
-        (['found', 'found'], 2.0)
+        >>> [e.verdict for e in w.events], w.values["sw/watch/super_weights"]
+        (['super', 'candidate'], 1.0)
     """
-    session = MonitorSession(model, pattern, strict=strict)
+    session = MonitorSession(model, pattern, strict=strict, verify=verify, calibration=calibration)
     if tracker is not None:
         session.tracker = tracker
     session.start(step, always=True)

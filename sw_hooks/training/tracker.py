@@ -1,10 +1,12 @@
-"""Track a model's super weights across recordings: which are known, and what happened to them.
+"""Track a model's candidate super weights across recordings: which are known, and what happened.
 
 :class:`SpikeTracker` takes one recording (``{module: ChannelStats}``) at a time and keeps
-the history: which super weights are known, the value and super activation each had when
-first seen, and the :class:`~sw_hooks.training.events.WeightEvent` s so far. New spike pairs come
-from :func:`sw_hooks.analysis.detect.spike_candidates`, so the monitors and detection agree on
-what a spike is. :func:`qualify` renames coordinates given relative to the bare transformer to
+the history: which candidates are known (each spike pair seen, with its measured impact and
+verdict once measured), the value and super activation each had when first seen, and the
+:class:`~sw_hooks.training.events.WeightEvent` s so far. New spike pairs come from
+:func:`sw_hooks.analysis.detect.spike_candidates`, so the monitors and detection agree on
+what a spike is; a ``measure`` function given to :meth:`SpikeTracker.update` decides which of
+them are super weights. :func:`qualify` renames coordinates given relative to the bare transformer to
 full names inside a training wrapper.
 """
 
@@ -24,6 +26,8 @@ from sw_hooks.core.units import Unit
 from sw_hooks.training.events import WeightEvent
 
 ValueReader = Callable[[nn.Module, Coordinate], float]
+Measure = Callable[[list[SuperWeight]], list[SuperWeight]]
+"""``measure(candidates)``: the same candidates, each with its impact and verdict."""
 Recording = Mapping[str, ChannelStats] | Mapping[Unit, ChannelStats]
 """One recording: ``{Unit: ChannelStats}`` (or ``{dense module name: ChannelStats}``)."""
 
@@ -53,8 +57,9 @@ class SpikeTracker:
     """The history of a model's super weights across recordings.
 
     Args:
-        super_weights: weights known in advance (``SuperWeight`` or ``(module, row, col)``);
-            their reference activation is taken at the first recording.
+        super_weights: super weights known in advance (``SuperWeight`` or ``(module, row,
+            col)``): taken as super weights without measuring; their reference activation
+            is taken at the first recording.
         collapse_factor: a weight collapses when its super activation falls below
             ``reference / collapse_factor``.
         drift_fraction: a weight drifts when ``|value - reference| > drift_fraction * |reference|``.
@@ -91,12 +96,22 @@ class SpikeTracker:
         self.events: list[WeightEvent] = []
         self.recordings = 0
         for weight in super_weights:
-            self._add(as_super_weight(weight), activation=None)
+            self._add(replace(as_super_weight(weight), verdict="super"), activation=None)
+
+    @property
+    def candidates(self) -> list[SuperWeight]:
+        """Every weight tracked (each spike pair seen, and those given), in the order first
+        seen, with its reference value and, once measured, its impact and verdict."""
+        return [t.weight for t in self._tracked.values()]
 
     @property
     def super_weights(self) -> list[SuperWeight]:
-        """Every known super weight, in the order first seen, with its reference value."""
-        return [t.weight for t in self._tracked.values()]
+        """The tracked weights that are super weights: measured so, or given as such."""
+        return [w for w in self.candidates if w.verdict == "super"]
+
+    def unmeasured(self) -> list[SuperWeight]:
+        """Candidates not measured yet (weights given as super weights are never measured)."""
+        return [w for w in self.candidates if w.impact is None and w.verdict != "super"]
 
     def qualify(self, model: nn.Module) -> None:
         """Rename known weights to their full module names inside ``model`` (see :func:`qualify`)."""
@@ -118,10 +133,15 @@ class SpikeTracker:
         step: int,
         stage: str = "train",
         read_value: ValueReader = read_weight,
+        measure: Measure | None = None,
     ) -> list[WeightEvent]:
-        """Fold in one recording; return (and keep) the events it caused."""
+        """Fold in one recording; return (and keep) the events it caused.
+
+        ``measure`` (optional) measures every candidate not measured yet, the new spike
+        pairs of this recording among them, once: their events carry impact and verdict.
+        """
         stats = as_units(stats)
-        new = self._new_spikes(model, stats, step, stage)
+        new = self._new_spikes(model, stats, step, stage, measure)
         changed = self._check_known(model, stats, step, stage, read_value)
         self.recordings += 1
         self.events += new + changed
@@ -141,18 +161,31 @@ class SpikeTracker:
             if unit_of(coordinate) in stats
         }
 
-    def _new_spikes(self, model, stats, step: int, stage: str) -> list[WeightEvent]:
+    def _new_spikes(self, model, stats, step: int, stage: str, measure) -> list[WeightEvent]:
         from sw_hooks.analysis.detect import spike_candidates
 
         kind = "found" if self.recordings == 0 else "appeared"
+        new = [
+            candidate
+            for candidate in spike_candidates(model, stats, **self.spike_options)
+            if candidate.coordinate not in self._tracked
+        ]
+        for candidate in new:
+            self._add(candidate, abs(candidate.output_activation))
+        if measure is not None:
+            self._record_measurements(measure(self.unmeasured()))
         events = []
-        for candidate in spike_candidates(model, stats, **self.spike_options):
-            if candidate.coordinate in self._tracked:
-                continue
-            activation = abs(candidate.output_activation)
-            self._add(candidate, activation)
-            events.append(self._event(step, kind, candidate, candidate.value, activation, stage))
+        for candidate in new:
+            tracked = self._tracked[candidate.coordinate]
+            value, activation = candidate.value, tracked.reference_activation
+            events.append(self._event(step, kind, tracked.weight, value, activation, stage))
         return events
+
+    def _record_measurements(self, measured: list[SuperWeight]) -> None:
+        """Keep each measured weight's impact and verdict (its reference values stay)."""
+        for weight in measured:
+            tracked = self._tracked[weight.coordinate]
+            tracked.weight = replace(tracked.weight, impact=weight.impact, verdict=weight.verdict)
 
     def _check_known(self, model, stats, step: int, stage: str, read_value) -> list[WeightEvent]:
         events = []
@@ -199,6 +232,8 @@ class SpikeTracker:
             reference_activation=float(tracked.reference_activation or 0.0),
             stage=stage,
             expert=weight.expert,
+            impact=tracked.weight.impact,
+            verdict=tracked.weight.verdict,
         )
 
     # -- checkpoints ----------------------------------------------------------------------

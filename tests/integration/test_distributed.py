@@ -53,8 +53,18 @@ def run_script(mode: str, out: Path) -> list[dict]:
 def test_ddp_monitor_reduces_maxima_like_one_process(tmp_path) -> None:
     ranks = run_script("ddp", tmp_path)
     assert ranks[0]["tracker"] == ranks[1]["tracker"]  # every rank reached the same verdicts
-    found = [(e["kind"], e["module"], e["row"], e["col"]) for e in ranks[0]["tracker"]["events"]]
-    assert found == [("found", "net." + SUPER[0], 5, 17), ("found", "net." + DECOY[0], 9, 33)]
+    found = [
+        (e["kind"], e["module"], e["row"], e["col"], e["verdict"])
+        for e in ranks[0]["tracker"]["events"]
+    ]
+    assert found == [
+        ("found", "net." + SUPER[0], 5, 17, "super"),
+        ("found", "net." + DECOY[0], 9, 33, "candidate"),
+    ]
+    # Rank zero measured both candidates once, on its first validation batch; rank one
+    # measured nothing and holds the same impacts.
+    assert [rank["measured"] for rank in ranks] == [[[SUPER[0], DECOY[0]]], []]
+    assert ranks[0]["tracker"]["events"][0]["impact"] > 2.0
     planted = planted_llama()
     with record(planted.model, locations=True) as reference, torch.no_grad():
         for sequence in sequences():
@@ -106,7 +116,17 @@ def ddp_main(out: Path, kind: str = "dense") -> None:
     from lightning.pytorch.loggers import CSVLogger
     from torch.utils.data import DataLoader
 
+    from sw_hooks.training import verification
     from sw_hooks.training.lightning import SuperWeightMonitor
+
+    measured: list[list[str]] = []
+    real = verification.measure_impacts
+
+    def counting(model, candidates, ids, settings):
+        measured.append([c.module for c in candidates])
+        return real(model, candidates, ids, settings)
+
+    verification.measure_impacts = counting
 
     class CausalLM(pl.LightningModule):
         def __init__(self) -> None:
@@ -142,6 +162,7 @@ def ddp_main(out: Path, kind: str = "dense") -> None:
             "tracker": monitor.tracker.state_dict(),
             "val_stats": stats_to_state_dict(monitor.last_stats),
             "logged": trainer.is_global_zero and any(out.glob("ddp/version_*/metrics.csv")),
+            "measured": measured,
         },
         out / f"rank{trainer.global_rank}.pt",
     )

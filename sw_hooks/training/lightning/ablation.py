@@ -32,8 +32,9 @@ class SuperWeightAblation(Callback):
     batch or epoch, and on any exception.
 
     Args:
-        super_weights: what to mask; default: what an attached :class:`SuperWeightMonitor`
-            knows at the start of each evaluation.
+        super_weights: what to mask; default: the super weights an attached
+            :class:`SuperWeightMonitor` has verified at the start of each evaluation (every
+            candidate under its ``verify=False``).
         factor: ``0.0`` zeroes the weights; any other value multiplies them.
         compare: evaluate both variants (twice the evaluation cost).
         suffix: appended to logged names for the masked variant.
@@ -113,7 +114,7 @@ class SuperWeightAblation(Callback):
 
     def _begin(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._given is None and self._monitor is not None:
-            self._weights = self._monitor.super_weights
+            self._weights = self._monitor.session.targets
         if not self._weights or trainer.sanity_checking:
             return
         if self.compare:

@@ -29,8 +29,9 @@ class SuperWeightGuard(Callback):
     refused at fit start otherwise (weight decay moves a weight whatever its gradient).
 
     Args:
-        super_weights: what to guard; default: what an attached :class:`SuperWeightMonitor`
-            flags, guarded from the step after it is flagged, at its value then.
+        super_weights: what to guard; default: the super weights an attached
+            :class:`SuperWeightMonitor` has verified (every candidate under its
+            ``verify=False``), each guarded from the step after it was flagged, at its value then.
         mode: ``"restore"`` or ``"freeze"``.
 
     Example:
@@ -83,7 +84,7 @@ class SuperWeightGuard(Callback):
     ) -> None:
         if self._given is None and self._monitor is not None:
             known = set(self._guarded)
-            new = [w for w in self._monitor.super_weights if w.coordinate not in known]
+            new = [w for w in self._monitor.session.targets if w.coordinate not in known]
             self._guard(trainer, pl_module, new)
 
     @override

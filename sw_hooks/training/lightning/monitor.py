@@ -1,4 +1,5 @@
-"""The Lightning callback that records the down-projections and flags super weights as they move."""
+"""The Lightning callback that records the down-projections, verifies candidate super weights
+and flags them as they move."""
 
 from __future__ import annotations
 
@@ -12,15 +13,12 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
+from sw_hooks.analysis.verify import VerifySettings
 from sw_hooks.core.access import Coordinate
 from sw_hooks.core.record import LOCATED_CHANNELS, Locations
 from sw_hooks.core.results import SuperWeight
 from sw_hooks.training.lightning.setup_checks import check_strategy
-from sw_hooks.training.monitor import (
-    WARNING_KINDS,
-    Decision,
-    NonFiniteWarning,
-)
+from sw_hooks.training.monitor import Decision, NonFiniteWarning
 from sw_hooks.training.session import MonitorSession, SessionReadouts
 
 __all__ = ["SuperWeightMonitor", "find_monitor"]
@@ -33,9 +31,14 @@ class SuperWeightMonitor(SessionReadouts, Callback):
     down-projections' per-channel max ``|input|``/``|output|``, reduces them across ranks
     with a max, and folds them into a :class:`~sw_hooks.training.monitor.SpikeTracker` (all of it
     one :class:`~sw_hooks.training.session.MonitorSession`; this callback only calls it): new spike
-    pairs are flagged as they appear, known super weights when their super activation
-    collapses or their value drifts. Each event is warned about (rank zero), logged, and
-    kept in :attr:`events` and in checkpoints. Logged names are listed in
+    pairs are flagged as candidates as they appear, tracked weights when their super activation
+    collapses or their value drifts. Each new candidate is measured once (``verify``): its
+    perplexity ratio when zeroed, on the ``calibration`` batch or else the first validation
+    batch (else the first training batch); :attr:`super_weights` are those that reach
+    ``verify_settings.min_impact``, and the guard and the ablation act on them. Each event
+    (with the impact and verdict) is logged, kept in :attr:`events` and in checkpoints (a
+    resumed run does not measure again), and said on rank zero: a warning for a collapse,
+    drift or new candidate that is not measured harmless. Logged names are listed in
     :func:`sw_hooks.training.monitor.metric_values` (``sw/train/layer_3/output_max``,
     ``sw/val/layer_1.row_5.col_17/activation``, ``sw/events/collapsed``...).
 
@@ -59,6 +62,11 @@ class SuperWeightMonitor(SessionReadouts, Callback):
             ``True`` every channel, ``False`` none (magnitudes only, positions -1).
         strict: raise :class:`~sw_hooks.training.monitor.NonFiniteActivationError` on a non-finite
             activation instead of skipping that recording.
+        verify: measure each new candidate (``False``: measure nothing; the guard and the
+            ablation then act on every candidate, as before verification existed).
+        calibration: the held-out batch to measure on (token ids, a dict with
+            ``input_ids``, or a tuple starting with them).
+        verify_settings: the measurement's threshold and window.
 
     Example:
         >>> monitor = SuperWeightMonitor(every_n_steps=10)  # doctest: +SKIP
@@ -80,6 +88,9 @@ class SuperWeightMonitor(SessionReadouts, Callback):
         require_logger: bool = True,
         record_locations: Locations = LOCATED_CHANNELS,
         strict: bool = False,
+        verify: bool = True,
+        calibration: Any = None,
+        verify_settings: VerifySettings | None = None,
     ) -> None:
         self.record_validation = record_validation
         self.require_logger = require_logger
@@ -96,8 +107,11 @@ class SuperWeightMonitor(SessionReadouts, Callback):
                 warn=partial(rank_zero_warn, category=NonFiniteWarning),
                 locations=record_locations,
                 reduce_across_processes=True,
+                verify=verify,
+                calibration=calibration,
+                verify_settings=verify_settings,
             )
-        except ValueError as error:
+        except (TypeError, ValueError) as error:
             raise MisconfigurationException(f"SuperWeightMonitor: {error}") from None
 
     @property
@@ -124,6 +138,12 @@ class SuperWeightMonitor(SessionReadouts, Callback):
             self.session.bind(pl_module)
         except ValueError as error:
             raise MisconfigurationException(f"SuperWeightMonitor: {error}") from None
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        batch = first_validation_batch(trainer)
+        if batch is not None:
+            self.session.hold_out(batch)
 
     @override
     def on_train_batch_start(
@@ -174,11 +194,29 @@ class SuperWeightMonitor(SessionReadouts, Callback):
         if decided is None:
             return
         for event in decided.events:
-            say = rank_zero_warn if event.kind in WARNING_KINDS else rank_zero_info
+            say = rank_zero_warn if event.alarming else rank_zero_info
             say(event.describe())
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(decided.values, step=self.session.step)
+
+
+def first_validation_batch(trainer: pl.Trainer) -> Any:
+    """The first batch of the (first) validation dataloader of ``fit``, or ``None``.
+
+    Lightning builds the validation dataloaders lazily; asking the loop to build them now
+    is what it does itself before the first validation, and it does not build them twice.
+    """
+    loop = trainer.fit_loop.epoch_loop.val_loop
+    defined = loop._data_source.is_defined()  # a dataloader given to fit, or val_dataloader()
+    if trainer.val_dataloaders is None and trainer.limit_val_batches and defined:
+        loop.setup_data()
+    loaders = trainer.val_dataloaders
+    if isinstance(loaders, list | tuple):
+        loaders = loaders[0] if loaders else None
+    if loaders is None:
+        return None
+    return next(iter(loaders), None)
 
 
 def find_monitor(trainer: pl.Trainer) -> SuperWeightMonitor | None:

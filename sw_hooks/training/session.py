@@ -228,7 +228,7 @@ class MonitorSession:
             )
             self.step = step
             if self.verifier is not None:
-                self.verifier.capture_first_inputs(model, list(self._modules))
+                self.verifier.capture_first_inputs(model, list(self._modules or ()))
         return self._recorder is not None
 
     def stop(self) -> dict[str, ChannelStats | ExpertStats]:

@@ -66,7 +66,7 @@ def test_saved_checkpoint_loads_and_detect_verifies_the_planted_weight(bench, tm
     assert (checkpoint.planted["row"], checkpoint.planted["col"]) == (37, 101)
     assert checkpoint.parameters == 512 * 64 + 4 * 37120 + 64
     model, tokenizer = load_model(checkpoint.folder)
-    assert model.dtype == torch.float32
+    assert model.dtype == getattr(torch, dtype)  # a checkpoint loads in its own dtype
     assert float(model.model.layers[2].mlp.down_proj.weight.detach()[37, 101]) == 8.0
     ids = tokenize(tokenizer, checkpoint.text_file.read_text(), max_tokens=1024)
     result = run_detection(model, ids[:, :128], calibration=ids)

@@ -5,6 +5,9 @@ bad choices refused before anything is read, accelerate's big-model inference th
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -155,3 +158,38 @@ def test_device_map_auto_offloads_to_disk_and_detection_still_finds_the_weight(
     assert any(p.device == torch.device("meta") for p in model.parameters())
     result = run_detection(model, planted.prompt(), calibration=planted.calibration_ids())
     assert [w.coordinate for w in result.verified] == [SUPER]
+
+
+# The byte tokenizer's ids 1, 2 and 3 are the characters '"', '#' and '$': planted_llama's
+# trigger, its target, and the decoy's trigger.
+TRIGGERS = '"$'
+
+
+def _planted_text(length: int = 256) -> str:
+    """Letters, with the super weight's trigger followed by its target and the decoy's trigger
+    in turn (as ``PlantedModel.calibration_ids``)."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    pairs = ['"#', "$" + letters[0]]
+    return "".join(pairs[i % 2] + letters[(7 * i) % 26] * 2 for i in range(length // 4))
+
+
+def _cli(*argv: str) -> subprocess.CompletedProcess:
+    command = [str(Path(sys.executable).parent / "sw-hooks"), *argv]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_cli_detect_with_a_device_map_and_an_offload_folder(bf16_checkpoint, tmp_path):
+    """The user's path: ``sw-hooks detect --device-map auto --offload-folder DIR`` on a bf16
+    checkpoint loads it through accelerate in bf16 and finds the planted weight."""
+    out, text = tmp_path / "result.json", tmp_path / "text.txt"
+    text.write_text(_planted_text())
+    done = _cli(
+        "detect", str(bf16_checkpoint), "--device-map", "auto", "--offload-folder",
+        str(tmp_path / "offload"), "--text", str(text), "--max-tokens", "256",
+        "--prompt", TRIGGERS, "--json", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "bfloat16 on cpu" in done.stderr
+    verified = [w for w in json.loads(out.read_text())["super_weights"] if w["verdict"] == "super"]
+    assert [(w["module"], w["row"], w["col"]) for w in verified] == [SUPER]

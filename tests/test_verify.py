@@ -18,6 +18,7 @@ from sw_hooks.testing import ARCHITECTURES, plant_super_weight, planted_llama, t
 
 SUPER = SuperWeight("model.layers.1.mlp.down_proj", 1, 5, 17, 8.0)
 DECOY = SuperWeight("model.layers.3.mlp.down_proj", 3, 9, 33, 8.0)
+SECOND_DECOY = SuperWeight("model.layers.2.mlp.down_proj", 2, 11, 40, 8.0)
 SMALL_WINDOWS = {"window": 64, "stride": 32}
 
 
@@ -63,21 +64,38 @@ def test_impacts_match_full_forwards_without_screening(planted):
     assert [w.verdict for w in measured.weights] == ["super", "candidate"]
 
 
-def test_screening_stops_the_decoy_early_and_keeps_every_verdict(planted):
+def test_screening_stops_the_decoys_early_and_keeps_every_verdict(planted):
+    """Two decoys fall below the bar after the first window: screened, their guard stays
+    below it, so neither is measured again."""
+    planted = plant_super_weight(planted, 2, 11, 40, trigger_token=5)
     ids = planted.calibration_ids()
+    weights = [SUPER, DECOY, SECOND_DECOY]
     full = measure_impacts(
-        planted.model, [SUPER, DECOY], ids, VerifySettings(screen_exponent=None, **SMALL_WINDOWS)
+        planted.model, weights, ids, VerifySettings(screen_exponent=None, **SMALL_WINDOWS)
     )
     lines: list[str] = []
     fast = measure_impacts(
-        planted.model, [SUPER, DECOY], ids, VerifySettings(**SMALL_WINDOWS), progress=lines.append
+        planted.model, weights, ids, VerifySettings(**SMALL_WINDOWS), progress=lines.append
     )
     assert [w.verdict for w in fast.weights] == [w.verdict for w in full.weights]
     assert fast.weights[0].impact == pytest.approx(full.weights[0].impact, rel=1e-6)
-    assert fast.weights[1].impact == pytest.approx(full.weights[1].impact, rel=0.01)
+    bar = 2.0**0.25
+    for screened, measured in zip(fast.weights[1:], full.weights[1:], strict=True):
+        assert screened.impact < bar and measured.impact < bar
     assert any("[9, 33]" in line and "screened" in line for line in lines)
+    assert any("[11, 40]" in line and "screened" in line for line in lines)
     assert not any("[5, 17]" in line and "screened" in line for line in lines)
+    assert fast.screened_joint_ratio < bar and not fast.screened_remeasured
     assert fast.forwards < full.forwards
+
+
+def test_one_candidate_below_the_bar_is_not_screened(planted):
+    """Its guard would cost what measuring it costs."""
+    ids = planted.calibration_ids()
+    fast = measure_impacts(planted.model, [SUPER, DECOY], ids, VerifySettings(**SMALL_WINDOWS))
+    assert fast.screened_joint_ratio is None
+    expected = _reference_ratio(planted.model, ids, [DECOY], **SMALL_WINDOWS)
+    assert fast.weights[1].impact == pytest.approx(expected, rel=1e-5)
 
 
 def test_prefix_reuse_costs_fewer_forwards_than_full_passes(planted):

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sw_hooks.analysis.options import DetectionOptions
 from sw_hooks.analysis.verify import VerifySettings, measure_impacts
 from sw_hooks.core.devices import forward_on_device, ids_of
 from sw_hooks.core.experts import ExpertsModule, find_experts
@@ -171,6 +172,7 @@ def detect_super_experts(
     min_impact: float = 2.0,
     window: int = 512,
     stride: int = 256,
+    screen_exponent: float | None = DetectionOptions.screen_exponent,
     progress: Progress | None = None,
 ) -> list[SuperExpert]:
     """Find super experts by the published criterion and verify each by pruning it.
@@ -179,7 +181,9 @@ def detect_super_experts(
     of all routed experts' maxima (over every layer) and above ``min_fraction`` of the
     largest (arXiv 2507.23279). Each flagged expert is then pruned alone
     (:func:`prune_experts`) and its impact is perplexity pruned over unpruned, measured by
-    :func:`~sw_hooks.analysis.verify.measure_impacts` (prefix reuse included).
+    :func:`~sw_hooks.analysis.verify.measure_impacts` with the rule :func:`run_detection`
+    uses: prefix reuse, and screening with its guard (``screen_exponent=None`` measures
+    every expert on every window).
 
     Example:
         >>> from sw_hooks.testing import planted_moe
@@ -197,8 +201,7 @@ def detect_super_experts(
     if not verify_impact or not flagged:
         return flagged
     ids = calibration if calibration is not None else ids_of(inputs)
-    # Every token of every window is measured: the published method has no screening.
-    settings = VerifySettings(min_impact, window, stride, screen_exponent=None)
+    settings = VerifySettings(min_impact, window, stride, screen_exponent=screen_exponent)
     measured = measure_impacts(
         model, flagged, ids, settings, ablation=prune_super_experts, progress=progress
     )

@@ -13,8 +13,10 @@ import torch
 
 from sw_hooks.analysis.detect import run_detection
 from sw_hooks.analysis.impact import perplexity
+from sw_hooks.analysis.streamed import run_streamed_detection
 from sw_hooks.analysis.super_experts import detect_super_experts
 from sw_hooks.core.masks import ablate
+from sw_hooks.core.streaming import in_memory
 from sw_hooks.testing import PlantedModel, planted_llama, planted_moe
 
 
@@ -59,3 +61,14 @@ def test_super_experts_follow_the_same_rule_in_detection_and_on_their_own():
         (2, 6, "super"),
     ]
     assert [e.impact for e in result.super_experts] == [e.impact for e in alone]
+
+
+def test_block_by_block_detection_guards_its_screening_too():
+    planted = planted_llama()
+    ids = _late_trigger_ids(planted)
+    reference = run_detection(planted.model, planted.prompt(), calibration=ids)
+    run = run_streamed_detection(in_memory(planted.model), planted.prompt(), calibration=ids)
+    found = {(w.layer, w.row, w.col): w for w in run.result.super_weights}[(1, 5, 17)]
+    expected = {(w.layer, w.row, w.col): w for w in reference.super_weights}[(1, 5, 17)]
+    assert found.verdict == expected.verdict == "super"
+    assert found.impact == pytest.approx(expected.impact, rel=1e-5)

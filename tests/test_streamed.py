@@ -80,12 +80,12 @@ def test_block_runs_head_positions_and_bytes_are_counted_exactly(checkpoint, ids
     )
     run = run_streamed_detection(streamed, ids[:, :32], calibration=ids, **WINDOWS)
     # Block runs, in 128-token windows over 4 blocks: prompt pass 1 (4 x 1/4), pass 2 from
-    # block 1 (3 x 1/4); window 1: baseline 4, super weight 3, decoy 1, joint 3; windows 2-3
-    # (the decoy screened): baseline 4, super weight 3, joint 3 each.
-    assert run.cost.forwards == pytest.approx((1 + 0.75 + 11 + 2 * 10) / 4, abs=1e-12)
+    # block 1 (3 x 1/4); each window: baseline 4, super weight 3, decoy 1, joint 3 (the
+    # decoy, alone below the screening bar, is not screened: its guard would cost as much).
+    assert run.cost.forwards == pytest.approx((1 + 0.75 + 3 * 11) / 4, abs=1e-12)
     # The LM head: window 1 all 128 positions x 4 streams; windows 2-3 the 64 scored tokens'
-    # 65 positions (the last one dropped) x 3 streams.
-    assert run.cost.head_positions == 128 * 4 + 2 * 65 * 3
+    # 65 positions (the last one dropped) x 4 streams.
+    assert run.cost.head_positions == 128 * 4 + 2 * 65 * 4
     # Every loaded block read once; besides, only the spiking down-projections' weights.
     extra = run.cost.bytes_read - resident - run.cost.block_loads * block
     down_proj = 64 * 128 * 4

@@ -3,8 +3,8 @@
 After the first window, the candidates whose ratio there is below ``min_impact **
 screen_exponent`` are screened when there are at least two (one alone would cost its guard
 what measuring it costs): their own passes stop, and one pass with all of them removed
-together, the :class:`Guard`, runs on every window, the first included. When the guard's
-ratio over the whole text reaches the same bar, :mod:`sw_hooks.analysis.verify` measures
+together, the :class:`Guard`, runs on every later window. When the guard's ratio over the
+tokens after the first window reaches the same bar, :mod:`sw_hooks.analysis.verify` measures
 each screened candidate again alone on every window. The rule and what remains of its
 error are stated in :mod:`sw_hooks.analysis.verify`.
 """
@@ -84,6 +84,20 @@ class Guard:
     @property
     def start(self) -> int | None:
         return first_block(self.members)
+
+    def ratio(self, baseline: WindowLoss, first_window: WindowLoss) -> float | None:
+        """The guard's impact over the tokens after the first window (``None``: no guard)."""
+        if not self.members:
+            return None
+        rest = WindowLoss(
+            baseline.total - first_window.total, baseline.tokens - first_window.tokens
+        )
+        return self.loss.ratio_over(rest)
+
+    def moved(self, baseline: WindowLoss, first_window: WindowLoss, settings: Any) -> bool:
+        """Whether the guard reached the screening bar: the screened must be measured again."""
+        ratio = self.ratio(baseline, first_window)
+        return ratio is not None and ratio >= screening_bar(settings)
 
 
 def first_block(states: Sequence[CandidateState]) -> int | None:

@@ -14,7 +14,9 @@ block-major (:mod:`sw_hooks.analysis.blockwise`) over a
   them zeroed, goes through a block before the next block loads; a candidate's stream
   starts at its own block from the unablated stream's hidden state. With screening and more
   than one window, the first window is one sweep and the others a second one, so that a
-  screened candidate is measured on the first window only, as in memory.
+  screened candidate is measured on the first window only, as in memory; the screened
+  removed together (the guard, :mod:`sw_hooks.analysis.screening`) are one more stream of
+  the second sweep, and when it moves a third sweep measures each of them alone.
 * **The LM head** runs on the scored positions of a window only.
 
 Peak memory is one block, the resident weights (embeddings, final norm, LM head) and the
@@ -28,7 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -46,7 +48,8 @@ from sw_hooks.analysis.detect import ordered_candidates
 from sw_hooks.analysis.impact import _check_ids, _window_batches, windows
 from sw_hooks.analysis.losses import as_loss, is_causal
 from sw_hooks.analysis.options import DetectionOptions, resolve_options
-from sw_hooks.analysis.verify import VerifySettings, _Candidate, _Loss, _screen, _verdict
+from sw_hooks.analysis.screening import CandidateState, Guard, WindowLoss, screen
+from sw_hooks.analysis.verify import VerifySettings, _verdict
 from sw_hooks.core.experts import find_experts
 from sw_hooks.core.locate import find_down_projections
 from sw_hooks.core.masks import ablate
@@ -233,30 +236,42 @@ def _verify(
     """
     settings = _settings(options)
     block_of = _item_block(streamed)
-    states = [_Candidate(w, block_of(w)) for w in candidates]
+    states = [CandidateState(w, block_of(w)) for w in candidates]
     if any(s.block is None for s in states):
         raise ValueError("a candidate outside the decoder blocks cannot be measured block by block")
     spans = list(windows(ids.shape[1], settings.window, settings.stride))
     batches = list(_window_batches(ids, settings.window, settings.stride))
     screening = settings.screen_exponent is not None and len(spans) > 1
     rounds = [[0], list(range(1, len(spans)))] if screening else [list(range(len(spans)))]
-    baseline, joint, first_window = _Loss(), _Loss(), _Loss()
+    baseline, joint, first_window = WindowLoss(), WindowLoss(), WindowLoss()
+    guard = Guard()
     heads = 0
     for number, chosen in enumerate(rounds, start=1):
         active = [s for s in states if not s.screened]
-        runs = _window_streams(streamed, batches, chosen, states, active)
+        runs = _window_streams(streamed, batches, chosen, states, active, guard)
         sweep(streamed, [s for run in runs for s in run.streams], ablate, block_of, cost)
         for run in runs:
-            heads += run.score(streamed, spans[run.window][2], baseline, joint)
+            heads += run.score(streamed, spans[run.window][2], baseline, joint, guard)
         if number == 1 and screening:
-            first_window = _Loss(baseline.total, baseline.tokens)
-            _screen(states, first_window, settings)
+            first_window = WindowLoss(baseline.total, baseline.tokens)
+            guard = screen(states, first_window, settings)
         if progress:
             progress(f"verify sweep {number}/{len(rounds)}: windows {chosen[0] + 1}-"
                      f"{chosen[-1] + 1} of {len(spans)}, {len(active)} candidate(s), "
                      f"{cost.forwards:.2f} forwards so far")  # fmt: skip
+    again: dict[int, SuperWeight] = {}
+    if guard.moved(baseline, first_window, settings):
+        # The screened together moved after the first window: measure each on every window.
+        unscreened = replace(options, screen_exponent=None)
+        weights = [m.weight for m in guard.members]
+        redone = _verify(streamed, weights, ids, unscreened, cost, progress)
+        heads += redone[3]
+        again = {id(m): w for m, w in zip(guard.members, redone[0], strict=True)}
     measured = [
-        _verdict(s, first_window if s.screened else baseline, settings, progress) for s in states
+        again[id(s)]
+        if id(s) in again
+        else _verdict(s, first_window if s.screened else baseline, settings, progress)
+        for s in states
     ]
     joint_ratio = joint.ratio_over(baseline) if states else None
     perplexity = math.exp(baseline.total / max(baseline.tokens, 1))
@@ -280,22 +295,28 @@ class _WindowRun:
     window: int
     targets: torch.Tensor
     base: Stream
-    candidates: list[tuple[_Candidate, Stream]]
+    candidates: list[tuple[CandidateState, Stream]]
     joint: Stream | None
+    guard: Stream | None = None
 
     @property
     def streams(self) -> list[Stream]:
-        joint = [self.joint] if self.joint else []
-        return [self.base, *(s for _, s in self.candidates), *joint]
+        extra = [s for s in (self.joint, self.guard) if s is not None]
+        return [self.base, *(s for _, s in self.candidates), *extra]
 
     def score(
-        self, streamed: StreamedModel, scored_from: int, baseline: _Loss, joint: _Loss
+        self,
+        streamed: StreamedModel,
+        scored_from: int,
+        baseline: WindowLoss,
+        joint: WindowLoss,
+        guard: Guard,
     ) -> int:
         """Add each stream's loss on the scored tokens; returns LM-head positions run."""
         keep = self.base.tokens - max(scored_from - 1, 0)
         targets = self.targets[:, -(keep - 1) :] if keep > 1 else self.targets[:, :0]
 
-        def loss_of(stream: Stream, into: _Loss) -> None:
+        def loss_of(stream: Stream, into: WindowLoss) -> None:
             into.add(head_logits(streamed, stream, keep)[:, :-1], targets)
 
         loss_of(self.base, baseline)
@@ -303,6 +324,8 @@ class _WindowRun:
             loss_of(stream, state.loss)
         if self.joint is not None:
             loss_of(self.joint, joint)
+        if self.guard is not None:
+            loss_of(self.guard, guard.loss)
         return keep * len(self.streams)
 
 
@@ -310,8 +333,9 @@ def _window_streams(
     streamed: StreamedModel,
     batches: list[tuple[torch.Tensor, torch.Tensor]],
     chosen: list[int],
-    states: list[_Candidate],
-    active: list[_Candidate],
+    states: list[CandidateState],
+    active: list[CandidateState],
+    guard: Guard,
 ) -> list[_WindowRun]:
     runs = []
     joint_start = min((s.block for s in states), default=None)
@@ -325,5 +349,7 @@ def _window_streams(
             if joint_start is not None
             else None
         )
-        runs.append(_WindowRun(index, targets, base, forks, joint))
+        screened = tuple(m.weight for m in guard.members)
+        together = Stream(calls, guard.start, screened, base) if screened else None
+        runs.append(_WindowRun(index, targets, base, forks, joint, together))
     return runs

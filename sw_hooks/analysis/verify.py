@@ -11,20 +11,23 @@ cheaper in two ways:
   at; a model where the two differ (a block that reads state an earlier block left
   behind) or whose replay raises is measured with full forwards, with one warning.
 * **Screening (a stated rule with a guard, off with ``screen_exponent=None``).** After the
-  first window, the candidates whose ratio there is below ``bar = min_impact **
-  screen_exponent`` (1.19 by default) are screened when there are at least two: their own
-  passes stop, and one pass with all of them removed together (the guard) runs on every
-  window, the first included. When the guard's ratio over the whole text reaches ``bar``,
-  each screened candidate is measured again alone on every window, so a candidate whose
-  effect shows only later in the text (its trigger absent from the first window) keeps the
-  verdict of the full measurement. Otherwise a screened candidate's impact is its ratio over
-  the first window's tokens, and the result says so. What remains of the error: a screened
-  candidate that would reach ``min_impact`` over the whole text is missed only if the
-  candidates screened with it cancel it when all are removed together -- together lowering
-  perplexity by more than ``min_impact / bar`` (1.68 by default), or interacting so that
-  removing them with it shows less than removing it alone. The length of the text no
-  longer enters (the rule without the guard held only while the rest of the text would have
-  needed a ratio of about 3.4 at 1024 tokens, 2.15 at 4096).
+  first window (``n1`` of the ``N`` scored tokens), the candidates whose ratio there is
+  below ``bar = min_impact ** screen_exponent`` (1.19 by default) are screened when there
+  are at least two: their own passes stop, and one pass with all of them removed together
+  (the guard) runs on every later window. When the guard's ratio over the other ``N - n1``
+  tokens reaches ``bar``, each screened candidate is measured again alone on every window,
+  so a candidate whose effect shows only later in the text (its trigger absent from the
+  first window) keeps the verdict of the full measurement. Otherwise a screened
+  candidate's impact is its ratio over the first window's ``n1`` tokens, and the result
+  says so. Why the guard suffices: a candidate whose ratio over all ``N`` tokens reaches
+  ``min_impact`` while its first ``n1`` tokens showed less than ``bar`` has a ratio above
+  ``min_impact`` over the other ``N - n1``, the guard's tokens. What remains of the error:
+  the candidates screened with it could cancel it when all are removed together --
+  together lowering perplexity by more than ``min_impact / bar`` (1.68 by default) on
+  those tokens, or interacting so that removing them with it shows less than removing it
+  alone. The length of the text no longer enters (the rule without the guard held only
+  while the rest of the text would have needed a ratio of about 3.4 at 1024 tokens, 2.15
+  at 4096).
 
 Windows are measured in order, window by window, so only one window's kept block outputs
 are in memory at a time.
@@ -61,6 +64,9 @@ from sw_hooks.analysis.screening import (
 from sw_hooks.core.masks import ablate
 
 Progress = Callable[[str], None]
+
+# The names the block-major path (:mod:`sw_hooks.analysis.streamed`) imported from here.
+_Loss, _Candidate, _screen = WindowLoss, CandidateState, screen
 
 
 class Measurable(Protocol):
@@ -101,8 +107,8 @@ class Measurement:
     """Forward-equivalents run: blocks run over blocks in the model, per window."""
     prefix_reused: bool
     screened_joint_ratio: float | None = None
-    """The guard: the impact of every screened candidate removed together, over the whole
-    text (``None`` when none was screened)."""
+    """The guard: the impact of every screened candidate removed together, over the tokens
+    after the first window (``None`` when none was screened)."""
     screened_remeasured: bool = False
     """Whether the guard reached the screening bar, so the screened were measured again."""
 
@@ -187,13 +193,14 @@ def _measure_perplexity_impacts(
             first_window = WindowLoss(baseline.total, baseline.tokens)
             if len(windows) > 1:
                 guard = screen(states, first_window, settings)
-        guard.measure(model, runner, chunk, targets, ablation)
+        else:
+            guard.measure(model, runner, chunk, targets, ablation)
         if progress:
             left = (len(windows) - index - 1) * _window_cost(runner, states, joint_start, guard)
             what = f"verify window {index + 1}/{len(windows)}: {runner.forwards:.1f} forwards"
             progress(f"{what} so far, about {_seconds_for(left, runner, started):.0f} s left")
-    guard_ratio = guard.loss.ratio_over(baseline) if guard.members else None
-    again = guard_ratio is not None and guard_ratio >= screening_bar(settings)
+    guard_ratio = guard.ratio(baseline, first_window)
+    again = guard.moved(baseline, first_window, settings)
     remeasured: dict[int, Any] = {}
     if again:
         redone = _measure_again(model, guard, ids, settings, ablation, progress, guard_ratio)
@@ -225,7 +232,7 @@ def _measure_again(
     if progress:
         progress(
             f"the {len(guard.members)} screened candidate(s) removed together: "
-            f"x{guard_ratio:.3f} over the whole text (bar {screening_bar(settings):.3f}); "
+            f"x{guard_ratio:.3f} after the first window (bar {screening_bar(settings):.3f}); "
             "measuring each on every window"
         )
     weights = [m.weight for m in guard.members]

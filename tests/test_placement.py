@@ -193,3 +193,24 @@ def test_cli_detect_with_a_device_map_and_an_offload_folder(bf16_checkpoint, tmp
     assert "bfloat16 on cpu" in done.stderr
     verified = [w for w in json.loads(out.read_text())["super_weights"] if w["verdict"] == "super"]
     assert [(w["module"], w["row"], w["col"]) for w in verified] == [SUPER]
+
+
+def test_a_bf16_model_is_scored_in_float32():
+    """The model stays bf16; its logits are upcast where the loss is computed (a bf16
+    log-softmax over the vocabulary would be off by about 1e-3)."""
+    import torch.nn.functional as F
+
+    from sw_hooks.analysis.impact import perplexity
+    from sw_hooks.analysis.losses import Perplexity
+
+    planted = planted_llama(dtype=torch.bfloat16)
+    ids = planted.calibration_ids(128)
+    with torch.no_grad():
+        logits = planted.model(ids).logits[:, :-1]
+        reference = F.cross_entropy(logits.float().reshape(-1, 256), ids[:, 1:].reshape(-1))
+        in_bf16 = F.cross_entropy(logits.reshape(-1, 256), ids[:, 1:].reshape(-1))
+        loss = Perplexity()(planted.model, ids)
+    assert abs(float(in_bf16) - float(reference)) > 1e-4  # the test can tell them apart
+    assert loss.dtype == torch.float32
+    assert float(loss) == pytest.approx(float(reference), rel=1e-6)
+    assert perplexity(planted.model, ids) == pytest.approx(float(reference.exp()), rel=1e-5)

@@ -74,11 +74,9 @@ def compare_verification(
         result = results[name]
         drift = max(
             abs(new.impact / old.impact - 1)
-            for new, old in zip(result.super_weights, reference.super_weights, strict=True)
+            for new, old in zip(result.candidates, reference.candidates, strict=True)
         )
-        same = [w.verdict for w in result.super_weights] == [
-            w.verdict for w in reference.super_weights
-        ]
+        same = [w.verdict for w in result.candidates] == [w.verdict for w in reference.candidates]
         rows[name] = {
             "seconds": seconds,
             "forward_equivalents": seconds / forward,
@@ -86,7 +84,7 @@ def compare_verification(
             "vs_first": paired_ratio(times, name, variants[0]),
             "same_verdicts": same,
             "max_impact_change": drift,
-            "impacts": [w.impact for w in result.super_weights],
+            "impacts": [w.impact for w in result.candidates],
         }
         print(
             f"{name:38s} {seconds:6.1f} s  {seconds / forward:5.1f} forwards  "
@@ -135,7 +133,7 @@ def main() -> None:
     topk_s = statistics.median(times["streamed top-k"])
     floor_s = statistics.median(times["abs().max() pass"])
     print(
-        f"{args.tokens} calibration tokens: {len(result.super_weights)} candidates, "
+        f"{args.tokens} calibration tokens: {len(result.candidates)} candidates, "
         f"{len(result.verified)} super, {result.passes} passes"
     )
     print(
@@ -149,7 +147,7 @@ def main() -> None:
             "tokens": args.tokens,
             "prompt_tokens": args.prompt_tokens,
             "verification": verification,
-            "candidates": len(result.super_weights),
+            "candidates": len(result.candidates),
             "super": [w.to_dict() for w in result.verified],
             "decoder_linears": len(linears),
             "topk_seconds": topk_s,

@@ -80,12 +80,12 @@ def main() -> None:
         f"{'layer':>5}  {'module':<32} {'[row, col]':<12} {'weight':>8} {'in act':>8} "
         f"{'out act':>8} {'impact':>8}  verdict"
     )
-    for w in result.super_weights:
+    for w in result.candidates:
         print(
             f"{w.layer:>5}  {w.module:<32} {f'[{w.row}, {w.col}]':<12} {w.value:>8.3f} "
             f"{w.input_activation:>8.1f} {w.output_activation:>8.1f} {w.impact:>8.3f}  {w.verdict}"
         )
-    if not result.super_weights:
+    if not result.candidates:
         print("(no spike pairs found)")
     print(
         f"search only {search_s:.2f} s; detection with verification {detect_s:.2f} s; "
@@ -100,13 +100,13 @@ def main() -> None:
             "tokens": int(batch["attention_mask"].sum()),
             "padded_shape": list(batch["input_ids"].shape),
             "passes": result.passes,
-            "candidates": [w.to_dict() for w in result.super_weights],
+            "candidates": [w.to_dict() for w in result.candidates],
             "verified": len(result.verified),
             "joint_impact": result.joint_ablation_ratio,
             "layer_peaks": [p.to_dict() for p in result.layer_peaks],
             "seconds": {"load": load_s, "search_only": search_s, "detect_and_verify": detect_s},
             "search_candidates_match": sorted(w.label for w in search.candidates)
-            == sorted(w.label for w in result.super_weights),
+            == sorted(w.label for w in result.candidates),
             "threads": torch.get_num_threads(),
         },
     )

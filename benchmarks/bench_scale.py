@@ -372,7 +372,7 @@ def stage_report(stage: Stage, samples: list[MemorySample]) -> dict[str, Any]:
 # -- the result ------------------------------------------------------------------------------
 def planted_outcome(result: dict[str, Any], planted: dict[str, Any]) -> dict[str, Any]:
     """Whether ``detect``'s JSON result holds the planted weight, and its verdict."""
-    weights = result.get("super_weights", [])
+    weights = result.get("candidates", [])
     match = next(
         (
             w

@@ -138,9 +138,9 @@ def check(args: argparse.Namespace) -> dict[str, object]:
     start = time.perf_counter()
     result = run_detection(model, ids[:1], verify_impact=False)
     _sync(args.device)
-    first = result.super_weights[0] if result.super_weights else None
+    first = result.candidates[0] if result.candidates else None
     figures |= {"detection_s": time.perf_counter() - start,
-                "candidates": len(result.super_weights),
+                "candidates": len(result.candidates),
                 "planted": list(PLANTED),
                 "detected": None if first is None else [first.layer, first.row, first.col]}  # fmt: skip
     return figures

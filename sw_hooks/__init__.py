@@ -3,6 +3,11 @@
 Every public name below is importable from here (``from sw_hooks import detect``). They are
 loaded on first use, so ``import sw_hooks`` stays cheap and a tool that needs one room (the
 recorder, say) does not pay for the rest (quantization, Lightning, plotting).
+
+Training entry points live one import away, where a Lightning or Hugging Face user looks:
+:mod:`sw_hooks.lightning` (``SuperWeightMonitor``, ``SuperWeightGuard``,
+``SuperWeightAblation``) and :mod:`sw_hooks.hf` (``SuperWeightCallback``); both give
+``watch`` and ``guard`` too.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ _HOMES: dict[str, tuple[str, ...]] = {
         "run_detection",
         "spike_candidates",
     ),
-    "sw_hooks.analysis.impact": ("compare", "impact", "perplexity", "table1"),
+    "sw_hooks.analysis.impact": ("compare", "compare_masked", "impact", "perplexity", "table1"),
+    "sw_hooks.analysis.model_comparison": ("compare_models", "ModelComparison"),
     "sw_hooks.analysis.known": ("check_against_known", "known_super_weights"),
     "sw_hooks.analysis.super_experts": ("detect_super_experts", "prune_experts"),
     "sw_hooks.analysis.trace": (

@@ -45,3 +45,34 @@ def test_importing_the_package_loads_no_framework():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_training_entry_points_are_one_short_import_away():
+    from sw_hooks.training.guard import guard
+    from sw_hooks.training.hf import SuperWeightCallback
+    from sw_hooks.training.lightning import (
+        SuperWeightAblation,
+        SuperWeightGuard,
+        SuperWeightMonitor,
+    )
+    from sw_hooks.training.session import watch
+
+    lightning = importlib.import_module("sw_hooks.lightning")
+    hf = importlib.import_module("sw_hooks.hf")
+    assert (lightning.SuperWeightMonitor, lightning.SuperWeightGuard) == (
+        SuperWeightMonitor,
+        SuperWeightGuard,
+    )
+    assert (lightning.SuperWeightAblation, lightning.watch, lightning.guard) == (
+        SuperWeightAblation,
+        watch,
+        guard,
+    )
+    assert (hf.SuperWeightCallback, hf.watch, hf.guard) == (SuperWeightCallback, watch, guard)
+    for module in (lightning, hf):
+        assert module.__doc__ and all(module.__dict__[name].__doc__ for name in module.__all__)
+
+
+def test_the_masked_comparison_does_not_share_its_name_with_the_compare_command():
+    assert "compare_masked" in sw_hooks.__all__
+    assert sw_hooks._HOME_OF["compare_models"] == "sw_hooks.analysis.model_comparison"

@@ -70,19 +70,19 @@ def test_saved_checkpoint_loads_and_detect_verifies_the_planted_weight(bench, tm
     assert float(model.model.layers[2].mlp.down_proj.weight.detach()[37, 101]) == 8.0
     ids = tokenize(tokenizer, checkpoint.text_file.read_text(), max_tokens=1024)
     result = run_detection(model, ids[:, :128], calibration=ids)
-    assert [(w.layer, w.row, w.col, w.verdict) for w in result.super_weights] == [
+    assert [(w.layer, w.row, w.col, w.verdict) for w in result.candidates] == [
         (2, 37, 101, "super")
     ]
     outcome = bench.planted_outcome(result.to_dict(), checkpoint.planted)
     assert (outcome["found"], outcome["verdict"]) == (True, "super")
-    assert outcome["impact"] == result.super_weights[0].impact
+    assert outcome["impact"] == result.candidates[0].impact
 
 
 def test_planted_outcome_without_the_planted_weight(bench):
     planted = {"module": "model.layers.2.mlp.down_proj", "row": 37, "col": 101}
     other = {"module": "model.layers.3.mlp.down_proj", "layer": 3, "row": 37, "col": 101,
              "verdict": "candidate", "impact": 1.1}  # fmt: skip
-    outcome = bench.planted_outcome({"super_weights": [other]}, planted)
+    outcome = bench.planted_outcome({"candidates": [other]}, planted)
     assert (outcome["found"], outcome["verdict"], outcome["impact"]) == (False, None, None)
     assert outcome["candidates"] == [[3, 37, 101, "candidate"]]
 

@@ -20,15 +20,17 @@ import torch
 from torch import nn
 
 from sw_hooks.analysis.impact import perplexity
-from sw_hooks.core.results import SuperWeight, save_super_weights
-from sw_hooks.outputs import plots
-from sw_hooks.outputs.compare import (
+from sw_hooks.analysis.model_comparison import (
     COMPARE_SCHEMA_VERSION,
     DEFAULT_LOST_FRACTION,
     ModelComparison,
     compare_models,
 )
-from sw_hooks.outputs.report import ReportOptions, collect_report, write_report
+from sw_hooks.analysis.report import collect_report
+from sw_hooks.analysis.report_data import ReportOptions
+from sw_hooks.core.results import SuperWeight, save_super_weights
+from sw_hooks.outputs import plots
+from sw_hooks.outputs.report import write_report
 from sw_hooks.testing import byte_tokenizer, planted_llama, save_checkpoint, tiny_model
 
 MODULE = "model.layers.1.mlp.down_proj"

@@ -23,7 +23,7 @@ def _planted(arch: str, num_layers: int = 4):
 def test_finds_exactly_the_planted_weight_and_rejects_the_late_decoy(arch):
     planted = _planted(arch)
     result = run_detection(planted.model, planted.prompt(), calibration=planted.calibration_ids())
-    found = {(w.layer, w.row, w.col): w for w in result.super_weights}
+    found = {(w.layer, w.row, w.col): w for w in result.candidates}
     assert set(found) == {(1, 5, 17), (3, 9, 33)}
     assert found[(1, 5, 17)].verdict == "super" and found[(1, 5, 17)].impact >= 2.0
     assert found[(3, 9, 33)].verdict == "candidate" and found[(3, 9, 33)].impact < 1.5

@@ -21,11 +21,11 @@ from torch import nn
 from sw_hooks.analysis.detect import run_detection
 from sw_hooks.cli._noise import is_known_import_noise, silence_known_import_noise
 from sw_hooks.core.results import DetectionResult, SuperWeight
+from sw_hooks.export.gguf_names import gguf_tensor_name
 from sw_hooks.export.quantizers import (
     HF_METHODS,
     TOOLS,
     KeptModules,
-    gguf_tensor_name,
     gptqmodel_dynamic,
     hf_quantization_config,
     kept_modules,
@@ -67,7 +67,7 @@ def test_detection_keeps_the_verified_down_projection_and_counts_it(kept: KeptMo
 
 
 def test_candidates_too_when_asked(result, planted) -> None:
-    every = kept_modules(result, planted.model, verified_only=False)
+    every = kept_modules(result, planted.model, candidates=True)
     assert (every.modules, every.super_weights, every.parameters) == ((SUPER, DECOY), 2, 16384)
 
 
@@ -86,10 +86,8 @@ def test_two_weights_in_one_module_keep_it_once() -> None:
 
 
 def test_a_result_without_verified_weights_is_refused(result) -> None:
-    candidates = DetectionResult(
-        "tiny", tuple(w for w in result.super_weights if w.module == DECOY)
-    )
-    with pytest.raises(ValueError, match="no verified super weights.*verified_only=False"):
+    candidates = DetectionResult("tiny", tuple(w for w in result.candidates if w.module == DECOY))
+    with pytest.raises(ValueError, match="no verified super weights.*candidates=True"):
         kept_modules(candidates)
 
 

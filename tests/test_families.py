@@ -130,7 +130,7 @@ def test_planted_super_weight_is_detected_and_verified_super(family):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "skipping the experts", UserWarning)
         result = run_detection(model, family_input(model), **_loss_options(model, names))
-    assert [(w.module, w.layer, w.row, w.col, w.verdict) for w in result.super_weights] == [
+    assert [(w.module, w.layer, w.row, w.col, w.verdict) for w in result.candidates] == [
         (planted.module, 1, 5, 17, "super")
     ]
     assert result.options["loss"] == "cosine"
@@ -171,6 +171,6 @@ def test_cli_detect_verifies_a_saved_encoder_by_its_embeddings(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(out.read_text())
-    found = [(w["module"], w["row"], w["col"], w["verdict"]) for w in result["super_weights"]]
+    found = [(w["module"], w["row"], w["col"], w["verdict"]) for w in result["candidates"]]
     assert found == [(planted.module, 5, 17, "super")]
     assert result["options"]["loss"] == "cosine"

@@ -12,11 +12,13 @@ import torch
 
 from sw_hooks.analysis.detect import spike_candidates
 from sw_hooks.analysis.losses import EmbeddingCosine
+from sw_hooks.analysis.report import collect_report
+from sw_hooks.analysis.report_data import ReportOptions
 from sw_hooks.core.locate import find_down_projections, layer_index
 from sw_hooks.core.masks import ablate, preserve, restore_activation, scale
 from sw_hooks.core.record import record
 from sw_hooks.core.results import SuperWeight
-from sw_hooks.outputs.report import ReportOptions, collect_report, markdown, write_report
+from sw_hooks.outputs.report import markdown, write_report
 from sw_hooks.testing import (
     FAMILIES,
     HandWritten,
@@ -188,7 +190,7 @@ def test_report_on_every_family_lists_the_planted_weight_as_super(family, tmp_pa
             model, None, family_input(model), options=_report_options(), **_loss_fn(model)
         )
     assert _changed(model, before) == {}
-    found = [(w.module, w.row, w.col, w.verdict) for w in data.result.super_weights]
+    found = [(w.module, w.row, w.col, w.verdict) for w in data.result.candidates]
     assert found == [(planted.module, PLANTED_ROW, PLANTED_COL, "super")]
     assert data.result.options["loss"] == "cosine"
     assert data.impact == [] and data.quantization == {}
@@ -209,7 +211,7 @@ def test_report_on_every_family_lists_the_planted_weight_as_super(family, tmp_pa
     text = path.read_text()
     assert LEFT_OUT in text
     assert "| impact (cosine) |" in text
-    impact = data.result.super_weights[0].impact
+    impact = data.result.candidates[0].impact
     assert f"x{impact:.2f}" in text
 
 
@@ -223,10 +225,10 @@ def test_report_on_a_non_causal_model_refuses_a_candidate_before_detection():
 
 
 def test_causal_report_markdown_keeps_its_impact_header():
+    from sw_hooks.analysis.report_data import ReportData
     from sw_hooks.core.results import DetectionResult
-    from sw_hooks.outputs.report import ReportData
 
-    result = DetectionResult(model="m", super_weights=(SuperWeight("a.1.b", 1, 5, 17, 8.0),))
+    result = DetectionResult(model="m", candidates=(SuperWeight("a.1.b", 1, 5, 17, 8.0),))
     text = markdown(ReportData("m", 8, result.to_dict()), [])
     assert "| impact |" in text
     assert "left out" not in text
@@ -253,7 +255,7 @@ def test_cli_report_on_a_saved_encoder(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     data = json.loads((out / "report.json").read_text())
     found = [
-        (w["module"], w["row"], w["col"], w["verdict"]) for w in data["detection"]["super_weights"]
+        (w["module"], w["row"], w["col"], w["verdict"]) for w in data["detection"]["candidates"]
     ]
     assert found == [(planted.module, PLANTED_ROW, PLANTED_COL, "super")]
     assert data["detection"]["options"]["loss"] == "cosine"

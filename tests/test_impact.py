@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sw_hooks.analysis.impact import compare, impact, perplexity, table1, windows
+from sw_hooks.analysis.impact import compare_masked, impact, perplexity, table1, windows
 from sw_hooks.core.masks import ablate
 from sw_hooks.core.results import SuperWeight
 
@@ -36,7 +36,7 @@ def _super(planted):
 def test_compare_measures_the_ablation(planted):
     ids = planted.calibration_ids()
     weight = _super(planted)
-    result = compare(
+    result = compare_masked(
         planted.model, ids, lambda: ablate(planted.model, [weight]), stopword_ids=[2, 3]
     )
     assert result.ratio > 2.0
@@ -84,3 +84,13 @@ def test_bad_ids():
         perplexity(tiny_model("llama", num_layers=1), torch.tensor([[1]]))
     with pytest.raises(TypeError, match="integer tensor"):
         perplexity(tiny_model("llama", num_layers=1), torch.tensor([[1.0, 2.0]]))
+
+
+def test_compare_is_the_deprecated_name_of_compare_masked(planted):
+    import sw_hooks
+
+    ids = planted.calibration_ids()[:, :16]
+    weight = _super(planted)
+    with pytest.warns(DeprecationWarning, match="renamed compare_masked"):
+        old = sw_hooks.compare(planted.model, ids, lambda: ablate(planted.model, [weight]))
+    assert old == compare_masked(planted.model, ids, lambda: ablate(planted.model, [weight]))

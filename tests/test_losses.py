@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from sw_hooks.analysis.detect import run_detection, verify
-from sw_hooks.analysis.impact import LossComparison, compare, impact
+from sw_hooks.analysis.impact import LossComparison, compare_masked, impact
 from sw_hooks.analysis.losses import (
     EmbeddingCosine,
     LossRatio,
@@ -140,7 +140,7 @@ def test_causal_lm_default_is_the_perplexity_path_unchanged():
     assert default == explicit
     assert default.prefix_reused
     assert type(as_loss(planted.model, None)) is Perplexity
-    assert impact(planted.model, ids, weights) == compare(
+    assert impact(planted.model, ids, weights) == compare_masked(
         planted.model, ids, lambda: ablate(planted.model, weights)
     )
 
@@ -166,7 +166,7 @@ def test_image_classifier_super_weight_is_verified_by_kl():
     candidates = _planted_pair(model, "vit.layers.{}.mlp.fc2")
     wire_head(model, 5, 3)
     result = run_detection(model, family_input(model))
-    assert [(w.module, w.row, w.col, w.verdict) for w in result.super_weights] == [
+    assert [(w.module, w.row, w.col, w.verdict) for w in result.candidates] == [
         ("vit.layers.1.mlp.fc2", 5, 17, "super")
     ]
     assert result.options["loss"] == "kl"
@@ -184,7 +184,7 @@ def test_masked_lm_super_weight_is_verified_by_pseudo_perplexity():
     loss = loss_for(model, mask_token_id=4)
     text = torch.full((1, 16), 7)
     result = run_detection(model, family_input(model), calibration=text, loss_fn=loss)
-    assert [(w.module, w.row, w.col, w.verdict) for w in result.super_weights] == [
+    assert [(w.module, w.row, w.col, w.verdict) for w in result.candidates] == [
         ("bert.encoder.layer.1.output.dense", 5, 17, "super")
     ]
     assert result.options["loss"] == "pseudo-perplexity"

@@ -81,9 +81,7 @@ def test_planted_expert_weight_and_super_expert_are_found_exactly(planted):
 def test_detection_verifies_by_ablation_and_pruning(mixtral):
     calibration = mixtral.calibration_ids(length=96)
     result = detect_expert_weights(mixtral.model, mixtral.prompt(), calibration=calibration)
-    assert [(w.expert, w.row, w.col, w.verdict) for w in result.super_weights] == [
-        (3, 5, 17, "super")
-    ]
+    assert [(w.expert, w.row, w.col, w.verdict) for w in result.candidates] == [(3, 5, 17, "super")]
     found = detect_super_experts(
         mixtral.model, mixtral.prompt(), calibration=calibration, percentile=90.0
     )

@@ -56,7 +56,7 @@ def _impacts(planted: PlantedModel, **options: object) -> dict[tuple[int, int, i
         **WINDOWS,
         **options,
     )
-    return {(w.layer, w.row, w.col): w.impact for w in result.super_weights}
+    return {(w.layer, w.row, w.col): w.impact for w in result.candidates}
 
 
 def _with_warnings(planted: PlantedModel) -> tuple[dict, list[str]]:

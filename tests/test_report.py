@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from sw_hooks.analysis.report import collect_report
+from sw_hooks.analysis.report_data import ReportData, ReportOptions
 from sw_hooks.cli import main
-from sw_hooks.outputs.report import ReportData, ReportOptions, collect_report, write_report
+from sw_hooks.outputs.report import write_report
 from sw_hooks.quant.config import QuantConfig, quant_grid
 from sw_hooks.testing import planted_llama
 
@@ -35,7 +37,7 @@ def report(tmp_path_factory) -> tuple[ReportData, Path, list[str]]:
 
 def test_report_finds_and_shows_the_planted_weight(report) -> None:
     data, out, _ = report
-    verified = [w for w in data.detection["super_weights"] if w["verdict"] == "super"]
+    verified = [w for w in data.detection["candidates"] if w["verdict"] == "super"]
     assert [(w["module"], w["row"], w["col"]) for w in verified] == [PLANTED]
     assert data.traces[0]["original"]["channel"] == 5
     assert data.patches[0]["row"] == 5 and data.patches[0]["col"] == 17
@@ -103,7 +105,7 @@ def test_cli_report_writes_the_report(tmp_path, monkeypatch, capsys) -> None:
     assert capsys.readouterr().out.strip() == str(out / "report.md")
     data = json.loads((out / "report.json").read_text())
     assert data["tokens"] == 96
-    verified = [w for w in data["detection"]["super_weights"] if w["verdict"] == "super"]
+    verified = [w for w in data["detection"]["candidates"] if w["verdict"] == "super"]
     assert [(w["module"], w["row"], w["col"]) for w in verified] == [PLANTED]
     assert (out / "spikes.png").read_bytes()[:8] == PNG_MAGIC
 

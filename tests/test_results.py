@@ -18,9 +18,46 @@ def test_round_trip_json(tmp_path):
     path = tmp_path / "r.json"
     result.save(path)
     assert DetectionResult.load(path) == result
-    assert json.loads(path.read_text())["schema_version"] == 1
+    assert json.loads(path.read_text())["schema_version"] == 2
     save_super_weights([SW], tmp_path / "w.json")
-    assert load_super_weights(tmp_path / "w.json") == [SW]
+    assert load_super_weights(tmp_path / "w.json", candidates=True) == [SW]
+    assert DetectionResult.load(tmp_path / "w.json").candidates == (SW,)
+
+
+VERIFIED = SW.with_impact(40.0, 2.0)
+REFUTED = SW.with_impact(1.1, 2.0)
+
+
+def test_one_selection_rule_verified_by_default_candidates_when_asked(tmp_path):
+    result = DetectionResult("m", (VERIFIED, REFUTED))
+    assert result.select() == (VERIFIED,)
+    assert result.select(candidates=True) == (VERIFIED, REFUTED)
+    result.save(tmp_path / "r.json")
+    assert load_super_weights(tmp_path / "r.json") == [VERIFIED]
+    assert load_super_weights(tmp_path / "r.json", candidates=True) == [VERIFIED, REFUTED]
+
+
+def test_verified_weights_of_an_unverified_result_are_refused_not_guessed(tmp_path):
+    unverified = DetectionResult("m", (SW,))  # detect --no-verify: no impact measured
+    with pytest.raises(ValueError, match="never verified.*candidates=True.*--candidates"):
+        unverified.select()
+    assert unverified.select(candidates=True) == (SW,)
+    assert DetectionResult("m", ()).select() == ()
+
+
+def test_super_weights_is_the_deprecated_name_of_candidates():
+    result = DetectionResult("m", (VERIFIED, REFUTED))
+    with pytest.warns(DeprecationWarning, match="renamed candidates"):
+        assert result.super_weights == result.candidates == (VERIFIED, REFUTED)
+
+
+def test_version_1_files_still_load_and_a_file_without_model_is_read_too(tmp_path):
+    # Version 1 named every candidate "super_weights"; save_super_weights wrote no model.
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"schema_version": 1, "super_weights": [VERIFIED.to_dict()]}))
+    result = DetectionResult.load(path)
+    assert (result.model, result.candidates) == ("", (VERIFIED,))
+    assert load_super_weights(path) == [VERIFIED]
 
 
 def test_verdict_follows_measured_impact():

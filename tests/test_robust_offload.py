@@ -183,7 +183,7 @@ def _table1(model: torch.nn.Module, super_weights: list[SuperWeight]) -> list[Im
 
 
 def _verified_super_weights(answers: Answers) -> list[SuperWeight]:
-    return [w for w in answers.detection.super_weights if w.verdict == "super"]
+    return [w for w in answers.detection.candidates if w.verdict == "super"]
 
 
 @pytest.fixture(scope="module")
@@ -214,11 +214,11 @@ def offloaded_answers(offloaded: torch.nn.Module) -> Answers:
 
 def test_detection_with_verification_matches_the_in_memory_model(in_memory, offloaded_answers):
     expected, found = in_memory.detection, offloaded_answers.detection
-    assert [w.coordinate for w in expected.super_weights] == [SUPER, DECOY]
-    assert [w.coordinate for w in found.super_weights] == [SUPER, DECOY]
-    assert [w.verdict for w in found.super_weights] == ["super", "candidate"]
-    assert [w.value for w in found.super_weights] == [8.0, 8.0]
-    for mine, theirs in zip(found.super_weights, expected.super_weights, strict=True):
+    assert [w.coordinate for w in expected.candidates] == [SUPER, DECOY]
+    assert [w.coordinate for w in found.candidates] == [SUPER, DECOY]
+    assert [w.verdict for w in found.candidates] == ["super", "candidate"]
+    assert [w.value for w in found.candidates] == [8.0, 8.0]
+    for mine, theirs in zip(found.candidates, expected.candidates, strict=True):
         assert mine.impact == pytest.approx(theirs.impact, rel=1e-4)
     assert found.baseline_perplexity == pytest.approx(expected.baseline_perplexity, rel=1e-4)
     assert found.joint_ablation_ratio == pytest.approx(expected.joint_ablation_ratio, rel=1e-4)

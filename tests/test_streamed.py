@@ -46,8 +46,8 @@ def assert_same(streamed: DetectionResult, reference: DetectionResult, tolerance
         return (w.module, w.row, w.col, w.value, w.input_activation, w.output_activation,
                 w.token_position, w.verdict)  # fmt: skip
 
-    assert [fixed(w) for w in streamed.super_weights] == [fixed(w) for w in reference.super_weights]
-    for new, old in zip(streamed.super_weights, reference.super_weights, strict=True):
+    assert [fixed(w) for w in streamed.candidates] == [fixed(w) for w in reference.candidates]
+    for new, old in zip(streamed.candidates, reference.candidates, strict=True):
         assert new.impact == pytest.approx(old.impact, rel=tolerance)
     assert streamed.baseline_perplexity == pytest.approx(
         reference.baseline_perplexity, rel=tolerance
@@ -65,7 +65,7 @@ def test_streamed_from_the_checkpoint_equals_detection_in_memory(checkpoint, ids
     options = dict(WINDOWS, screen_exponent=screen_exponent)
     reference = run_detection(model, ids[:, :32], calibration=ids, **options)
     run = run_streamed_detection(open_streamed(checkpoint), ids[:, :32], calibration=ids, **options)
-    assert [w.verdict for w in reference.super_weights] == ["super", "candidate"]
+    assert [w.verdict for w in reference.candidates] == ["super", "candidate"]
     assert_same(run.result, reference)
     # Record passes: all 4 blocks, then blocks 1-3; verification: 2 sweeps with screening, else 1.
     sweeps = 2 if screen_exponent is not None else 1
@@ -155,7 +155,7 @@ def _detect(folder: Path, out: Path, *extra: str) -> dict:
 def test_cli_stream_gives_the_in_memory_result(checkpoint, tmp_path):
     streamed = DetectionResult.from_dict(_detect(checkpoint, tmp_path / "s.json", "--stream"))
     reference = DetectionResult.from_dict(_detect(checkpoint, tmp_path / "m.json"))
-    assert [w.verdict for w in reference.super_weights][:1] == ["super"]
+    assert [w.verdict for w in reference.candidates][:1] == ["super"]
     assert_same(streamed, reference)
 
 

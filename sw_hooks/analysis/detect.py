@@ -20,7 +20,7 @@ trustworthy:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -39,6 +39,7 @@ from sw_hooks.analysis.super_experts import prune_super_experts, super_expert_ca
 from sw_hooks.analysis.verify import VerifySettings, measure_impacts
 from sw_hooks.core.devices import forward_on_device, ids_of  # noqa: F401
 from sw_hooks.core.masks import ablate
+from sw_hooks.core.progress import Progress
 from sw_hooks.core.record import (
     ExpertSelection,
     ModuleSelection,
@@ -47,8 +48,6 @@ from sw_hooks.core.record import (
     select_units,
 )
 from sw_hooks.core.results import DetectionResult, LayerPeak, SuperExpert, SuperWeight
-
-Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -299,7 +298,7 @@ def finish_detection(
             recorded["loss"] = loss.name
     return DetectionResult(
         model=model_name or type(model).__name__,
-        super_weights=tuple(ordered),
+        candidates=tuple(ordered),
         baseline_perplexity=baseline,
         joint_ablation_ratio=joint,
         prepend_bos=prepend_bos,
@@ -347,7 +346,7 @@ def detect(
         >>> [(w.layer, w.row, w.col, w.verdict) for w in found]
         [(1, 5, 17, 'super'), (5, 9, 33, 'candidate')]
     """
-    return list(run_detection(model, inputs, **options).super_weights)
+    return list(run_detection(model, inputs, **options).candidates)
 
 
 def detect_expert_weights(
@@ -361,7 +360,7 @@ def detect_expert_weights(
         >>> result = detect_expert_weights(
         ...     planted.model, planted.prompt(), calibration=planted.calibration_ids()
         ... )
-        >>> [(w.layer, w.expert, w.row, w.col, w.verdict) for w in result.super_weights]
+        >>> [(w.layer, w.expert, w.row, w.col, w.verdict) for w in result.candidates]
         [(1, 3, 5, 17, 'super')]
     """
     return run_detection(model, inputs, modules=[], experts=True, **options)

@@ -10,7 +10,8 @@ for accelerate-offloaded models too) and every metric lives on the logits' devic
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import asdict, dataclass
 
@@ -20,62 +21,24 @@ from torchmetrics.text import Perplexity
 
 from sw_hooks.analysis.losses import Batch, Loss, LossFn, as_loss, is_causal
 from sw_hooks.analysis.magnitude import largest_weights
+from sw_hooks.analysis.next_token import (  # noqa: F401 (verify and prefix import these here)
+    IGNORE_INDEX,
+    NextTokenAccumulator,
+    NextTokenAgreement,
+    _check_ids,
+    _logits,
+    _window_batches,
+    perplexity_metric,
+    windows,
+)
 from sw_hooks.core.devices import execution_device
 from sw_hooks.core.masks import ablate, restore_activation
+from sw_hooks.core.progress import Progress
 from sw_hooks.core.results import SuperWeight
 
-IGNORE_INDEX = -100
 STOPWORDS: tuple[str, ...] = (" the", ".", ",", " a", " and", " of", " to", "\n", " is", " in")
 
 MaskFactory = Callable[[], AbstractContextManager]
-
-
-def _check_ids(ids: torch.Tensor) -> torch.Tensor:
-    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.long, torch.int, torch.int32):
-        raise TypeError("token ids must be an integer tensor of shape [batch, tokens]")
-    ids = ids if ids.dim() == 2 else ids.reshape(1, -1)
-    if ids.shape[1] < 2:
-        raise ValueError(f"need at least 2 tokens to measure perplexity, got {ids.shape[1]}")
-    return ids
-
-
-def windows(length: int, window: int, stride: int) -> Iterator[tuple[int, int, int]]:
-    """``(begin, end, scored_from)`` spans covering ``range(length)``, each token scored once."""
-    if window < 2 or not 0 < stride <= window:
-        raise ValueError(f"need window >= 2 and 0 < stride <= window, got {window}, {stride}")
-    scored_until = 0
-    for begin in range(0, length, stride):
-        end = min(begin + window, length)
-        yield begin, end, max(scored_until, begin + 1) - begin
-        scored_until = end
-        if end == length:
-            return
-
-
-def _window_batches(
-    ids: torch.Tensor, window: int, stride: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """``(input_ids, next-token targets with unscored positions ignored)`` per window."""
-    for begin, end, scored_from in windows(ids.shape[1], window, stride):
-        chunk = ids[:, begin:end]
-        targets = chunk[:, 1:].clone()
-        targets[:, : max(scored_from - 1, 0)] = IGNORE_INDEX
-        yield chunk, targets
-
-
-def _logits(model: nn.Module, chunk: torch.Tensor, device: torch.device) -> torch.Tensor:
-    output = model(chunk.to(device))
-    logits = output.logits if hasattr(output, "logits") else output
-    return logits[:, :-1].float()
-
-
-def perplexity_metric(logits: torch.Tensor) -> Perplexity:
-    """A torchmetrics ``Perplexity`` that lives on the device of ``logits``.
-
-    Its running sums are added to in place at every update, which fails when they sit on
-    another device than the logits (a model on an accelerator, a metric on the CPU).
-    """
-    return Perplexity(ignore_index=IGNORE_INDEX).to(logits.device)
 
 
 @torch.no_grad()
@@ -119,58 +82,16 @@ class Comparison:
     def to_dict(self) -> dict[str, float | None]:
         return {**asdict(self), "ratio": self.ratio}
 
-
-class _Accumulator:
-    """Running sums for the comparison metrics (pure tensor updates, no model calls).
-
-    The perplexity metrics are made at the first update, on the logits' device.
-    """
-
-    def __init__(self, stopword_ids: Sequence[int] | None):
-        self._base: Perplexity | None = None
-        self._masked: Perplexity | None = None
-        self.stopword_ids = torch.tensor(list(stopword_ids)) if stopword_ids else None
-        self.tokens = 0
-        self.kl = self.agree = self.stop_base = self.stop_masked = 0.0
-
-    @property
-    def base(self) -> Perplexity:
-        if self._base is None:
-            raise ValueError("no logits were added to this comparison")
-        return self._base
-
-    @property
-    def masked(self) -> Perplexity:
-        if self._masked is None:
-            raise ValueError("no logits were added to this comparison")
-        return self._masked
-
-    def update(self, base: torch.Tensor, masked: torch.Tensor, targets: torch.Tensor) -> None:
-        if self._base is None or self._masked is None:
-            self._base, self._masked = perplexity_metric(base), perplexity_metric(masked)
-            if self.stopword_ids is not None:
-                self.stopword_ids = self.stopword_ids.to(base.device)
-        self.base.update(base, targets)
-        self.masked.update(masked, targets)
-        scored = targets != IGNORE_INDEX
-        base_logp, masked_logp = base.log_softmax(-1)[scored], masked.log_softmax(-1)[scored]
-        self.tokens += int(scored.sum())
-        self.kl += float((base_logp.exp() * (base_logp - masked_logp)).sum())
-        self.agree += float((base_logp.argmax(-1) == masked_logp.argmax(-1)).sum())
-        if self.stopword_ids is not None:
-            self.stop_base += float(base_logp.exp()[:, self.stopword_ids].sum())
-            self.stop_masked += float(masked_logp.exp()[:, self.stopword_ids].sum())
-
-    def result(self) -> Comparison:
-        n = max(self.tokens, 1)
-        has_stop = self.stopword_ids is not None
-        return Comparison(
-            float(self.base.compute()),
-            float(self.masked.compute()),
-            self.kl / n,
-            self.agree / n,
-            self.stop_base / n if has_stop else None,
-            self.stop_masked / n if has_stop else None,
+    @classmethod
+    def of(cls, agreement: NextTokenAgreement) -> Comparison:
+        """The unmasked model is the reference, the masked one the other."""
+        return cls(
+            agreement.perplexity,
+            agreement.other_perplexity,
+            agreement.kl_divergence,
+            agreement.top1_agreement,
+            agreement.stopword_mass,
+            agreement.other_stopword_mass,
         )
 
 
@@ -186,7 +107,7 @@ def _as_list(masks: MaskFactory | Sequence[MaskFactory]) -> list[MaskFactory]:
 
 
 @torch.no_grad()
-def compare_many(
+def compare_masked_many(
     model: nn.Module,
     ids: torch.Tensor,
     conditions: dict[str, MaskFactory | Sequence[MaskFactory]],
@@ -195,13 +116,13 @@ def compare_many(
     window: int = 512,
     stride: int = 256,
 ) -> dict[str, Comparison]:
-    """:func:`compare` for several conditions, running the unmasked model once per window.
+    """:func:`compare_masked` for several conditions, running the unmasked model once per window.
 
     A condition with no masks is the unmasked model itself (no second forward pass).
     """
     ids = _check_ids(ids)
     masks = {name: _as_list(m) for name, m in conditions.items()}
-    totals = {name: _Accumulator(stopword_ids) for name in conditions}
+    totals = {name: NextTokenAccumulator(stopword_ids) for name in conditions}
     device = execution_device(model)
     for chunk, targets in _window_batches(ids, window, stride):
         base = _logits(model, chunk, device)
@@ -213,10 +134,10 @@ def compare_many(
             with _enter(factories):
                 masked = _logits(model, chunk, device)
             totals[name].update(base, masked, targets)
-    return {name: total.result() for name, total in totals.items()}
+    return {name: Comparison.of(total.result()) for name, total in totals.items()}
 
 
-def compare(
+def compare_masked(
     model: nn.Module,
     ids: torch.Tensor,
     masks: MaskFactory | Sequence[MaskFactory],
@@ -229,15 +150,32 @@ def compare(
 
     ``masks`` are factories of context managers (``lambda: ablate(model, weights)``) so a
     mask is entered and left around every window: the model is whole between windows and
-    after the call, even if it raises.
+    after the call, even if it raises. (Two different models are compared by
+    :func:`sw_hooks.analysis.model_comparison.compare_models`, ``sw-hooks compare``.)
 
     Example:
-        >>> result = compare(model, ids, lambda: ablate(model, weights))  # doctest: +SKIP
+        >>> result = compare_masked(model, ids, lambda: ablate(model, weights))  # doctest: +SKIP
         >>> result.ratio, result.kl_divergence, result.top1_agreement  # doctest: +SKIP
     """
-    return compare_many(
+    return compare_masked_many(
         model, ids, {"masked": masks}, stopword_ids=stopword_ids, window=window, stride=stride
     )["masked"]
+
+
+def compare(*args: object, **kwargs: object) -> Comparison:
+    """Deprecated name of :func:`compare_masked` (``sw-hooks compare`` compares two models)."""
+    warnings.warn(
+        "sw_hooks.compare is renamed compare_masked (sw-hooks compare compares two models)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return compare_masked(*args, **kwargs)  # type: ignore[arg-type]
+
+
+def compare_many(*args: object, **kwargs: object) -> dict[str, Comparison]:
+    """Deprecated name of :func:`compare_masked_many`."""
+    warnings.warn("compare_many is renamed compare_masked_many", DeprecationWarning, stacklevel=2)
+    return compare_masked_many(*args, **kwargs)  # type: ignore[arg-type]
 
 
 def stopword_ids(tokenizer: object, words: Sequence[str] = STOPWORDS) -> list[int]:
@@ -275,7 +213,7 @@ def table1(
     stopwords: Sequence[int] | None = None,
     window: int = 512,
     stride: int = 256,
-    progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
 ) -> list[ImpactRow]:
     """The paper's Table 1 on any model: original; super weights pruned; the same number of
     the largest *other* weights per matrix pruned; super weights pruned with the super
@@ -308,7 +246,7 @@ def table1(
         )
     if progress:
         progress(f"impact: {len(conditions)} conditions over {ids.shape[-1]} tokens")
-    results = compare_many(
+    results = compare_masked_many(
         model,
         ids,
         {name: masks for name, masks, _ in conditions},
@@ -355,16 +293,16 @@ def impact(
     loss_fn: Loss | LossFn | None = None,
     **options: object,
 ) -> Comparison | LossComparison:
-    """Shorthand: :func:`compare` with the given super weights ablated.
+    """Shorthand: :func:`compare_masked` with the given super weights ablated.
 
     ``loss_fn`` defaults to the loss chosen for the model
-    (:func:`~sw_hooks.analysis.losses.as_loss`): a causal LM gets :func:`compare`'s
+    (:func:`~sw_hooks.analysis.losses.as_loss`): a causal LM gets :func:`compare_masked`'s
     :class:`Comparison`; any other loss a :class:`LossComparison` on ``ids`` (token ids or a
     dict of model inputs).
     """
     loss = as_loss(model, loss_fn)
     if is_causal(loss):
-        return compare(model, ids, lambda: ablate(model, super_weights), **options)  # type: ignore[arg-type]
+        return compare_masked(model, ids, lambda: ablate(model, super_weights), **options)  # type: ignore[arg-type]
     return _loss_comparison(model, ids, super_weights, loss)
 
 

@@ -6,6 +6,10 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+PROMPT_TOKENS = 128
+"""Tokens detection records spikes on (the start of the text), everywhere: the CLI's
+commands, the report and the model comparison take this one value."""
+
 
 @dataclass(frozen=True)
 class DetectionOptions:

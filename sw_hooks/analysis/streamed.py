@@ -54,12 +54,11 @@ from sw_hooks.core.experts import find_experts
 from sw_hooks.core.locate import find_down_projections
 from sw_hooks.core.masks import ablate
 from sw_hooks.core.maxima import ChannelStats
+from sw_hooks.core.progress import Progress
 from sw_hooks.core.record import Recorder
 from sw_hooks.core.results import DetectionResult, SuperWeight
 from sw_hooks.core.streaming import StreamedModel
 from sw_hooks.core.units import Unit
-
-Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -121,7 +120,7 @@ def run_streamed_detection(
         ordered, baseline, joint, heads = _verify(streamed, ordered, ids, options, cost, progress)
     result = DetectionResult(
         model=model_name or type(streamed.model).__name__,
-        super_weights=tuple(ordered),
+        candidates=tuple(ordered),
         baseline_perplexity=baseline,
         joint_ablation_ratio=joint,
         prepend_bos=prepend_bos,

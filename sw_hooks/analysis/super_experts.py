@@ -8,7 +8,7 @@ instead of zeroing one weight.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -21,11 +21,10 @@ from sw_hooks.core.experts import ExpertsModule, find_experts
 from sw_hooks.core.hooks import HookSet
 from sw_hooks.core.locate import layer_index
 from sw_hooks.core.maxima import ExpertStats
+from sw_hooks.core.progress import Progress
 from sw_hooks.core.record import record_experts
 from sw_hooks.core.results import SuperExpert
 from sw_hooks.core.units import Unit
-
-Progress = Callable[[str], None]
 
 
 # -- pruning whole experts -----------------------------------------------------------------

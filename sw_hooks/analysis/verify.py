@@ -62,8 +62,7 @@ from sw_hooks.analysis.screening import (
     screening_bar,
 )
 from sw_hooks.core.masks import ablate
-
-Progress = Callable[[str], None]
+from sw_hooks.core.progress import Progress
 
 # The names the block-major path (:mod:`sw_hooks.analysis.streamed`) imported from here.
 _Loss, _Candidate, _screen = WindowLoss, CandidateState, screen

@@ -16,10 +16,8 @@ from typing import Any
 
 import torch
 
+from sw_hooks.analysis.options import PROMPT_TOKENS  # noqa: F401 (the subcommands' one value)
 from sw_hooks.core.devices import execution_device
-
-PROMPT_TOKENS = 128
-"""Tokens every subcommand records spikes on: the start of the text (or of ``--prompt``)."""
 
 MIN_TOKENS = 2
 

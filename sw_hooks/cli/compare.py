@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sw_hooks.analysis.model_comparison import DEFAULT_LOST_FRACTION
 from sw_hooks.cli._common import (
     PROMPT_TOKENS,
     CliError,
@@ -34,7 +35,6 @@ from sw_hooks.cli._common import (
     with_model,
 )
 from sw_hooks.cli._paths import check_output_file, write_output
-from sw_hooks.outputs.compare import DEFAULT_LOST_FRACTION
 
 LOST_EXIT = 1
 
@@ -197,7 +197,7 @@ def _detected(args: argparse.Namespace, model: Any, ids: Any, calibration: Any) 
             verify_impact=args.verify,
             progress=lambda line: progress(line, quiet=args.quiet),
         )
-    return list(result.verified) if args.verify else list(result.super_weights)
+    return list(result.verified) if args.verify else list(result.candidates)
 
 
 def format_comparison(comparison: Any, fraction: float) -> str:
@@ -240,7 +240,7 @@ def format_comparison(comparison: Any, fraction: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sw_hooks.outputs.compare import compare_models
+    from sw_hooks.analysis.model_comparison import compare_models
 
     _check_fraction(args.fail_if_lost)
     check_model_arguments(args)

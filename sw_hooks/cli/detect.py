@@ -130,11 +130,11 @@ def format_table(result: DetectionResult) -> str:
     lines = [f"model: {result.model}"]
     if result.baseline_perplexity is not None:
         lines.append(f"baseline perplexity: {result.baseline_perplexity:.3f}")
-    experts = any(w.expert is not None for w in result.super_weights)
+    experts = any(w.expert is not None for w in result.candidates)
     expert_header = f" {'expert':>6}" if experts else ""
     header = f"{'layer':>5}{expert_header}  {'module':<34} {'[row, col]':<14} {'weight':>9} {'in act':>10} {'out act':>11} {'tok':>4} {'impact':>9}  verdict"
     lines += [header, "-" * len(header)]
-    ordered = sorted(result.super_weights, key=lambda w: (w.verdict != "super", -(w.impact or 0)))
+    ordered = sorted(result.candidates, key=lambda w: (w.verdict != "super", -(w.impact or 0)))
     for w in ordered:
         impact = f"x{w.impact:.2f}" if w.impact is not None else "-"
         expert = f" {w.expert if w.expert is not None else '-':>6}" if experts else ""
@@ -143,13 +143,13 @@ def format_table(result: DetectionResult) -> str:
             f"{w.value:>9.4f} {w.input_activation:>10.1f} {w.output_activation:>11.1f} "
             f"{w.token_position:>4} {impact:>9}  {w.verdict}"
         )
-    if not result.super_weights:
+    if not result.candidates:
         lines.append("(no spike pairs found)")
     if result.joint_ablation_ratio is not None:
         lines.append(
-            f"all {len(result.super_weights)} candidates zeroed together: perplexity x{result.joint_ablation_ratio:.2f}"
+            f"all {len(result.candidates)} candidates zeroed together: perplexity x{result.joint_ablation_ratio:.2f}"
         )
-    lines.append(f"super weights: {len(result.verified)} of {len(result.super_weights)} candidates")
+    lines.append(f"super weights: {len(result.verified)} of {len(result.candidates)} candidates")
     if result.super_experts:
         lines += ["", *_super_expert_lines(result)]
     return "\n".join(lines)

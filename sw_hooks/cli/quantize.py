@@ -133,7 +133,7 @@ def _detected_super_weights(args: argparse.Namespace, model: nn.Module, ids: Any
 
     with step("detecting super weights", quiet=args.quiet):
         result = run_detection(model, ids, verify_impact=False)
-    return list(result.super_weights)
+    return list(result.candidates)
 
 
 def _name(coordinate: Coordinate) -> str:

@@ -113,10 +113,10 @@ def run(args: argparse.Namespace) -> int:
     _check_options(args)
     check_output_file(args.output, "-o")
     result = _read_result(args.result)
-    kept = kept_modules(result, verified_only=not args.all_candidates)
+    kept = kept_modules(result, candidates=args.all_candidates)
     if args.model is not None:
         model, _, _ = load_model_for_cli(args)
-        kept = kept_modules(result, model, verified_only=not args.all_candidates)
+        kept = kept_modules(result, model, candidates=args.all_candidates)
     text = render(kept, args.tool, **_tool_options(args))
     if args.output is None:
         print(text, end="")

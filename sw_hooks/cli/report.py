@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from sw_hooks.analysis.report_data import REPORT_BLOCK_SIZES, REPORT_CLIP
 from sw_hooks.cli._common import (
     CliError,
     add_model_arguments,
@@ -19,7 +20,6 @@ from sw_hooks.cli._common import (
     with_model,
 )
 from sw_hooks.cli._paths import check_output_folder
-from sw_hooks.outputs.report import REPORT_BLOCK_SIZES, REPORT_CLIP
 from sw_hooks.quant.config import QuantConfig, quant_grid
 
 DEFAULTS = QuantConfig()
@@ -84,7 +84,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _options(args: argparse.Namespace):  # -> ReportOptions (imported lazily)
     """The report's options from the flags: one config per block size, checked now."""
-    from sw_hooks.outputs.report import ReportOptions
+    from sw_hooks.analysis.report_data import ReportOptions
 
     sizes = tuple(args.block_size or REPORT_BLOCK_SIZES)
     if any(size <= 0 for size in sizes):
@@ -142,7 +142,8 @@ def _load_candidate(args: argparse.Namespace) -> tuple[Any, str | None]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sw_hooks.outputs.report import collect_report, write_report
+    from sw_hooks.analysis.report import collect_report
+    from sw_hooks.outputs.report import write_report
 
     options = _options(args)
     check_model_arguments(args)

@@ -7,13 +7,17 @@ without running their code.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from sw_hooks.core.access import Coordinate
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: a detection result names every candidate ``candidates`` (1 called them ``super_weights``)."""
+READABLE_SCHEMA_VERSIONS = (1, SCHEMA_VERSION)
+_CANDIDATES_KEY = {1: "super_weights", 2: "candidates"}
 
 VERDICTS = ("super", "candidate")
 
@@ -238,9 +242,13 @@ class SuperExpert:
 class DetectionResult:
     """What :func:`sw_hooks.analysis.detect` found, with the numbers that back it.
 
+    It is the one artifact every command reads its super weights from (``sw-hooks detect
+    --json`` writes it; :meth:`load` reads it), and :meth:`select` is the one rule that
+    picks them: the verified super weights, or every candidate when asked.
+
     Attributes:
         model: a name for the model (id, path or class name).
-        super_weights: every candidate, verified or not.
+        candidates: every candidate, verified or not (:attr:`verified`: the super weights).
         baseline_perplexity: perplexity of the unmodified model on the calibration text.
         joint_ablation_ratio: perplexity with every candidate zeroed over the baseline.
         prepend_bos: whether a BOS token was put before the prompt.
@@ -254,7 +262,7 @@ class DetectionResult:
     """
 
     model: str
-    super_weights: tuple[SuperWeight, ...]
+    candidates: tuple[SuperWeight, ...]
     baseline_perplexity: float | None = None
     joint_ablation_ratio: float | None = None
     prepend_bos: bool = False
@@ -264,35 +272,84 @@ class DetectionResult:
     super_experts: tuple[SuperExpert, ...] = ()
 
     @property
+    def super_weights(self) -> tuple[SuperWeight, ...]:
+        """Deprecated: every candidate, verified or not; read :attr:`candidates`, or
+        :attr:`verified` for the super weights."""
+        warnings.warn(
+            "DetectionResult.super_weights holds every candidate and is renamed candidates; "
+            "the verified super weights are DetectionResult.verified",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.candidates
+
+    @property
     def verified(self) -> tuple[SuperWeight, ...]:
         """The candidates whose measured impact earned ``verdict == "super"``."""
-        return tuple(w for w in self.super_weights if w.verdict == "super")
+        return tuple(w for w in self.candidates if w.verdict == "super")
+
+    @property
+    def measured(self) -> bool:
+        """Whether verification measured the candidates (``detect --no-verify`` does not):
+        some candidate carries an impact or a verdict."""
+        return any(w.impact is not None or w.verdict == "super" for w in self.candidates)
+
+    def select(self, *, candidates: bool = False) -> tuple[SuperWeight, ...]:
+        """The super weights a command or function works on: the one selection rule.
+
+        The verified super weights by default; every candidate with ``candidates=True``
+        (``--candidates`` on the command line).
+
+        Raises:
+            ValueError: verified weights were asked of a result whose candidates were never
+                measured (``detect --no-verify``): none of them is verified, and taking all
+                of them silently would be a different answer.
+
+        Example:
+            >>> weight = SuperWeight("model.layers.1.mlp.down_proj", 1, 5, 17, 8.0)
+            >>> result = DetectionResult("tiny", (weight.with_impact(40.0, 2.0), weight))
+            >>> len(result.select()), len(result.select(candidates=True))
+            (1, 2)
+        """
+        if candidates:
+            return self.candidates
+        if self.candidates and not self.measured:
+            raise ValueError(
+                f"the detection result of {self.model or 'this model'} has "
+                f"{len(self.candidates)} candidate(s) that were never verified "
+                "(detect --no-verify); ask for its candidates (candidates=True, or "
+                "--candidates on the command line) or detect again with verification"
+            )
+        return self.verified
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data["super_weights"] = [w.to_dict() for w in self.super_weights]
+        data["candidates"] = [w.to_dict() for w in self.candidates]
         data["layer_peaks"] = [peak.to_dict() for peak in self.layer_peaks]
         data["super_experts"] = [expert.to_dict() for expert in self.super_experts]
         return {"schema_version": SCHEMA_VERSION, **data}
 
     @classmethod
     def from_dict(cls, data: Any) -> DetectionResult:
+        """Read :meth:`to_dict` output of this or an earlier schema version."""
         if not isinstance(data, dict):
             raise ValueError("a detection result must be a JSON object")
         version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_SCHEMA_VERSIONS:
             raise ValueError(
-                f"unsupported schema_version {version!r}; this version reads {SCHEMA_VERSION}"
+                f"unsupported schema_version {version!r}; this version reads "
+                f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))}"
             )
-        weights = data.get("super_weights")
+        key = _CANDIDATES_KEY[version]
+        weights = data.get(key)
         if not isinstance(weights, list):
-            raise ValueError("'super_weights' must be a list")
-        model = data.get("model")
+            raise ValueError(f"{key!r} must be a list")
+        model = data.get("model", "")
         if not isinstance(model, str):
             raise ValueError("'model' must be a string")
         return cls(
             model=model,
-            super_weights=tuple(SuperWeight.from_dict(w) for w in weights),
+            candidates=tuple(SuperWeight.from_dict(w) for w in weights),
             baseline_perplexity=_optional_number(data, "baseline_perplexity"),
             joint_ablation_ratio=_optional_number(data, "joint_ablation_ratio"),
             prepend_bos=bool(data.get("prepend_bos", False)),
@@ -307,7 +364,11 @@ class DetectionResult:
 
     @classmethod
     def load(cls, path: str | Path) -> DetectionResult:
-        return cls.from_dict(read_json(path))
+        """Read a detection result file, with an error that names the file and the problem."""
+        try:
+            return cls.from_dict(read_json(path))
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
 
 
 def _layer_peaks(rows: Any) -> tuple[LayerPeak, ...]:
@@ -348,19 +409,14 @@ def read_json(path: str | Path) -> Any:
 
 
 def save_super_weights(
-    weights: list[SuperWeight] | tuple[SuperWeight, ...], path: str | Path
+    weights: list[SuperWeight] | tuple[SuperWeight, ...], path: str | Path, *, model: str = ""
 ) -> None:
-    """Write a list of super weights as versioned JSON."""
-    payload = {"schema_version": SCHEMA_VERSION, "super_weights": [w.to_dict() for w in weights]}
-    Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+    """Write super weights as a detection result file, the one format every reader takes."""
+    DetectionResult(model, tuple(weights)).save(path)
 
 
-def load_super_weights(path: str | Path) -> list[SuperWeight]:
-    """Read super weights from :func:`save_super_weights` output or a detection result."""
-    data = read_json(path)
-    if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"{path}: not a sw_hooks JSON file of schema_version {SCHEMA_VERSION}")
-    weights = data.get("super_weights")
-    if not isinstance(weights, list):
-        raise ValueError(f"{path}: 'super_weights' must be a list")
-    return [SuperWeight.from_dict(w) for w in weights]
+def load_super_weights(path: str | Path, *, candidates: bool = False) -> list[SuperWeight]:
+    """The super weights of a detection result file: :meth:`DetectionResult.load` then
+    :meth:`DetectionResult.select` (the verified ones; every candidate with ``candidates=True``).
+    """
+    return list(DetectionResult.load(path).select(candidates=candidates))

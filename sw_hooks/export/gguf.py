@@ -26,9 +26,8 @@ Example:
 from __future__ import annotations
 
 import os
-import re
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,11 +35,11 @@ from typing import Any
 import numpy as np
 
 from sw_hooks.core.access import Coordinate, CoordinateLike, coordinates_of
+from sw_hooks.core.progress import Progress
 from sw_hooks.core.results import DetectionResult
+from sw_hooks.export.gguf_names import gguf_tensor_name
 from sw_hooks.export.gguf_rules import allows_quantization
 from sw_hooks.export.manifest import Manifest
-
-Progress = Callable[[str], None]
 
 QUANT_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "MXFP4", "BF16", "F16")
 """Types gguf's Python quantizers write (``quant_type``); the ternary types are left out."""
@@ -51,8 +50,6 @@ KEEP_TYPES = {"f16": "F16", "q8_0": "Q8_0"}
 _GGUF_MAGIC = b"GGUF"
 _SKIPPED_KEYS = ("general.architecture", "general.alignment", "general.file_type")
 _PROGRESS_STEPS = 10
-_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
-_EXPERT_IN_PATH = re.compile(r"\.experts\.\d+\.")
 
 
 @dataclass(frozen=True)
@@ -217,42 +214,17 @@ def _coordinates(
     return coordinates_of(list(super_weights))
 
 
-def gguf_tensor_name(
-    module: str, architecture: str, block_count: int, expert: int | None = None
-) -> str | None:
-    """The GGUF tensor holding the weight of the Hugging Face ``module``, by gguf's name map.
-
-    An expert's own down-projection (``...experts.3.down_proj``, with ``expert=3``) is held
-    by the layer's 3-D experts tensor, as llama.cpp merges the experts (``ffn_down_exps``).
-
-    Example:
-        >>> gguf_tensor_name("model.layers.11.mlp.down_proj", "llama", 30)
-        'blk.11.ffn_down.weight'
-        >>> gguf_tensor_name("model.layers.1.mlp.experts.3.down_proj", "qwen2moe", 30, 3)
-        'blk.1.ffn_down_exps.weight'
-    """
-    import gguf
-
-    arch = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}.get(architecture)
-    if arch is None:
-        return None
-    name_map = gguf.get_tensor_name_map(arch, block_count)
-    if expert is not None:
-        module = _EXPERT_IN_PATH.sub(".experts.", module)
-    return name_map.get_name(f"{module}.weight", try_suffixes=(".weight",))
-
-
 def _super_weight_tensors(
     reader: Any, tensors: dict[str, Any], coordinates: Sequence[Coordinate]
 ) -> set[str]:
     """The GGUF names of the tensors holding ``coordinates``, each checked against its shape."""
     architecture = _field_value(reader, "general.architecture") or "?"
-    block_count = _field_value(reader, f"{architecture}.block_count") or 0
     names = set()
     for coordinate in coordinates:
-        # A block past the file's count still gets its name, so the error can show it.
-        blocks = max([int(block_count), *(int(n) + 1 for n in _INDEX.findall(coordinate.module))])
-        name = gguf_tensor_name(coordinate.module, architecture, blocks, coordinate.expert)
+        try:
+            name: str | None = gguf_tensor_name(coordinate.module, architecture, coordinate.expert)
+        except ValueError:
+            name = None
         if name is None or name not in tensors:
             raise ValueError(
                 f"{coordinate.module} names no tensor of this {architecture} GGUF file"

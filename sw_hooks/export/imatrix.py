@@ -31,13 +31,13 @@ from sw_hooks.core.access import oriented_shape
 from sw_hooks.core.hooks import HookSet
 from sw_hooks.core.locate import is_linear_like
 from sw_hooks.core.record import TokenMasks
+from sw_hooks.export.gguf_names import gguf_tensor_name
 from sw_hooks.export.imatrix_experts import (
     ExpertEntry,
     expert_entries,
     hook_experts,
     list_expert_linears,
 )
-from sw_hooks.export.quantizers import gguf_tensor_name
 
 CHUNK_SIZE = 512
 """``imatrix.chunk_size`` written by default: ``llama-imatrix``'s default context length."""

@@ -27,7 +27,7 @@ def write_manifest(
 
     Values and bits are read from ``model`` itself, so write it before anything rounds them.
     A :class:`DetectionResult` contributes its verified weights and its options; pass
-    ``result.super_weights`` to keep the unverified candidates too. ``source`` is a local
+    ``result.candidates`` to keep the unverified candidates too. ``source`` is a local
     weights file (its sha256 is recorded) or a revision string.
     """
     weights, detection = _weights_and_options(result_or_weights)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +28,7 @@ from torch import nn
 
 from sw_hooks.core.locate import layer_index
 from sw_hooks.core.results import DetectionResult, SuperWeight
+from sw_hooks.export.gguf_names import gguf_tensor_name
 
 TOOLS = ("llm-compressor", "torchao", "hf", "gptqmodel", "llama.cpp")
 
@@ -36,16 +37,6 @@ HF_METHODS = ("bitsandbytes_4bit", "bitsandbytes_8bit", "quanto", "fp8")
 OUTPUT_HEAD = "lm_head"
 """The output head of every causal LM in transformers: quantizers skip it by default, and a
 list of modules to skip replaces that default, so the lists here name it again."""
-
-GGUF_ARCHITECTURES: Mapping[str, str] = {
-    "mistral": "llama",
-    "mixtral": "llama",
-    "gpt_neox": "gptneox",
-    "gemma3_text": "gemma3",
-    "qwen2_moe": "qwen2moe",
-    "qwen3_moe": "qwen3moe",
-}
-"""transformers ``model_type`` -> gguf architecture name, where the two differ."""
 
 
 @dataclass(frozen=True)
@@ -95,9 +86,11 @@ def kept_modules(
     result: DetectionResult,
     model: nn.Module | None = None,
     *,
-    verified_only: bool = True,
+    candidates: bool = False,
 ) -> KeptModules:
-    """The modules holding ``result``'s super weights (the verified ones by default).
+    """The modules holding ``result``'s super weights, chosen by
+    :meth:`~sw_hooks.core.results.DetectionResult.select`: the verified ones, or every
+    candidate with ``candidates=True``.
 
     With ``model`` each module is checked to exist and its weight elements are counted.
 
@@ -106,7 +99,7 @@ def kept_modules(
         >>> kept_modules(DetectionResult("tiny", (weight,))).modules
         ('model.layers.1.mlp.down_proj',)
     """
-    weights = _chosen(result, verified_only)
+    weights = _chosen(result, candidates)
     names = tuple(sorted({w.module for w in weights}, key=_layer_order))
     if model is None:
         return KeptModules(names, len(weights))
@@ -114,15 +107,15 @@ def kept_modules(
     return KeptModules(names, len(weights), sum(sizes), _model_type(model))
 
 
-def _chosen(result: DetectionResult, verified_only: bool) -> tuple[SuperWeight, ...]:
+def _chosen(result: DetectionResult, candidates: bool) -> tuple[SuperWeight, ...]:
     if not isinstance(result, DetectionResult):
         raise TypeError(f"expected a DetectionResult, got {type(result).__name__}")
-    weights = result.verified if verified_only else result.super_weights
+    weights = result.select(candidates=candidates)
     if not weights:
-        which = "verified super weights" if verified_only else "super weights"
+        which = "candidates" if candidates else "verified super weights"
         raise ValueError(
             f"the result of {result.model!r} has no {which}: there is nothing to keep"
-            + ("; keep the unverified candidates with verified_only=False" * verified_only)
+            + ("; keep the unverified candidates with candidates=True" * (not candidates))
         )
     return weights
 
@@ -240,32 +233,6 @@ def gptqmodel_dynamic(kept: KeptModules) -> dict[str, dict[str, Any]]:
 
 
 # -- llama.cpp -------------------------------------------------------------------------------
-def gguf_tensor_name(module: str, architecture: str) -> str:
-    """The GGUF weight tensor of a transformers module, e.g. ``blk.1.ffn_down.weight``.
-
-    ``architecture`` is the transformers ``model_type`` (``llama``, ``qwen2``...) or a gguf
-    architecture name.
-    """
-    import gguf
-
-    arch = _gguf_architecture(architecture)
-    blocks = (layer_index(module) or 0) + 1
-    mapped = gguf.get_tensor_name_map(arch, blocks).get_name(module)
-    if mapped is None:
-        raise ValueError(f"gguf has no {architecture} tensor for module {module!r}")
-    return f"{mapped}.weight"
-
-
-def _gguf_architecture(architecture: str) -> Any:
-    import gguf
-
-    name = GGUF_ARCHITECTURES.get(architecture, architecture)
-    for arch, arch_name in gguf.MODEL_ARCH_NAMES.items():
-        if arch_name == name:
-            return arch
-    raise ValueError(f"gguf does not map the architecture {architecture!r} to GGUF tensor names")
-
-
 def llama_cpp_tensor_types(
     kept: KeptModules, *, tensor_type: str = "f16", architecture: str | None = None
 ) -> list[str]:

@@ -157,7 +157,7 @@ def _sweep_run(data: dict[str, Any]) -> SweepRun:
 def as_super_weights(weights: Any) -> list[SuperWeight]:
     """Super weights from a result, its JSON, or a list of either kind of weight."""
     if isinstance(weights, DetectionResult | Mapping):
-        return list(loaded(weights, DetectionResult).super_weights)
+        return list(loaded(weights, DetectionResult).candidates)
     if isinstance(weights, Iterable) and not isinstance(weights, str | bytes):
         return [loaded(w, SuperWeight) for w in weights]
     raise ValueError(

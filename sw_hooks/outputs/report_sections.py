@@ -1,6 +1,6 @@
 """What a report says, in order, as blocks of text, tables and figures, before any format.
 
-:func:`report_blocks` turns :class:`~sw_hooks.outputs.report_data.ReportData` into
+:func:`report_blocks` turns :class:`~sw_hooks.analysis.report_data.ReportData` into
 :data:`Block` objects; :mod:`sw_hooks.outputs.report_render` writes the same blocks as
 Markdown and as HTML, so the two files never say different things.
 """
@@ -11,8 +11,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sw_hooks.analysis.report_data import ReportData
 from sw_hooks.core.results import DetectionResult
-from sw_hooks.outputs.report_data import ReportData
 
 
 class Code(str):
@@ -143,7 +143,7 @@ def _non_causal_intro(data: ReportData, loss: str) -> list[Block]:
 def _weights_table(result: DetectionResult, loss: str | None = None) -> Table:
     """One row a candidate; an ``expert`` column when any sits inside experts; the impact
     column names the loss when it is not perplexity."""
-    experts = any(w.expert is not None for w in result.super_weights)
+    experts = any(w.expert is not None for w in result.candidates)
     header = ("layer", *(("expert",) if experts else ()), "module", "[row, col]", "weight")
     rows = [
         (
@@ -158,7 +158,7 @@ def _weights_table(result: DetectionResult, loss: str | None = None) -> Table:
             f"x{w.impact:.2f}" if w.impact is not None else "-",
             w.verdict,
         )
-        for w in result.super_weights
+        for w in result.candidates
     ]
     width = len(header) + 5
     if not rows:

@@ -236,7 +236,7 @@ def spike_profiles(
 
     Args:
         original, candidate: :class:`LayerPeak` rows (or their JSON) of the same layers,
-            e.g. :attr:`sw_hooks.outputs.compare.ModelComparison.layers`' two sides.
+            e.g. :attr:`sw_hooks.analysis.model_comparison.ModelComparison.layers`' two sides.
         names: the two models' labels.
 
     Example:

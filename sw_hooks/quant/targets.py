@@ -202,8 +202,8 @@ def held_elements(
     """
     if holdout is None:
         return []
-    if hasattr(holdout, "super_weights"):  # a DetectionResult
-        holdout = holdout.super_weights
+    if hasattr(holdout, "select"):  # a DetectionResult: its one selection rule
+        holdout = holdout.select()
     return [WeightElement.resolve(model, coordinate) for coordinate in coordinates_of(holdout)]
 
 

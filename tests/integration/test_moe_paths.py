@@ -68,7 +68,7 @@ def test_cli_detect_lists_the_expert_weight_and_the_super_expert(cli_model, tmp_
     module = LISTED if cli_model == "list" else FUSED
     found = [
         (w["module"], w["layer"], w["expert"], w["row"], w["col"], w["verdict"])
-        for w in data["super_weights"]
+        for w in data["candidates"]
     ]
     assert found == [(module, 1, 3, 5, 17, "super")]
     experts = [
@@ -87,7 +87,7 @@ def test_cli_report_shows_expert_weights_and_super_experts(cli_model, tmp_path, 
     detection = json.loads((out / "report.json").read_text())["detection"]
     verified = [
         (w["layer"], w["expert"], w["row"], w["col"])
-        for w in detection["super_weights"]
+        for w in detection["candidates"]
         if w["verdict"] == "super"
     ]
     assert verified == [(1, 3, 5, 17)]
@@ -111,7 +111,7 @@ def test_installed_command_detects_a_saved_moe_checkpoint(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     data = json.loads(out.read_text())
     assert [
-        (w["module"], w["expert"], w["row"], w["col"], w["verdict"]) for w in data["super_weights"]
+        (w["module"], w["expert"], w["row"], w["col"], w["verdict"]) for w in data["candidates"]
     ] == [(FUSED, 3, 5, 17, "super")]
 
 

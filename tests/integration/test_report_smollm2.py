@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from sw_hooks import calibration_text, tokenize
+from sw_hooks.analysis.report import collect_report
+from sw_hooks.analysis.report_data import ReportOptions
 from sw_hooks.outputs import plots
-from sw_hooks.outputs.report import ReportOptions, collect_report, write_report
+from sw_hooks.outputs.report import write_report
 
 pytestmark = pytest.mark.slow
 
@@ -18,7 +20,7 @@ def test_report_shows_the_known_super_weight(smollm2, tmp_path) -> None:
     # no quantization sweep: each quantized run costs more than the rest of the report
     options = ReportOptions(prompt_tokens=64, quantization=())
     data = collect_report(model, tokenizer, ids, options=options)
-    verified = [w for w in data.detection["super_weights"] if w["verdict"] == "super"]
+    verified = [w for w in data.detection["candidates"] if w["verdict"] == "super"]
     assert [(w["module"], w["row"], w["col"]) for w in verified] == [SUPER]
     figure = plots.activation_spikes(data.layer_peaks, data.detection)
     marked = {(m.panel, m.layer, m.channel) for m in plots.marks(figure) if m.label == "super"}

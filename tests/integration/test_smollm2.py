@@ -32,13 +32,13 @@ def test_detection_verdicts_come_from_measured_impact(smollm2):
     calibration = tokenize(tokenizer, calibration_text(), max_tokens=256)
     before = model.model.layers[11].mlp.down_proj.weight.clone()
     result = run_detection(model, calibration[:, :64], calibration=calibration)
-    by_coordinate = {w.coordinate: w for w in result.super_weights}
+    by_coordinate = {w.coordinate: w for w in result.candidates}
     assert SUPER in by_coordinate
     sw = by_coordinate[SUPER]
     assert sw.verdict == "super" and sw.impact >= 2.0 and sw.token_position == 0
-    for w in result.super_weights:
+    for w in result.candidates:
         assert (w.verdict == "super") == (w.impact >= 2.0)
-    late = [w for w in result.super_weights if w.layer is not None and w.layer >= 27]
+    late = [w for w in result.candidates if w.layer is not None and w.layer >= 27]
     assert late and all(w.verdict == "candidate" for w in late)  # large late spikes, harmless
     assert result.joint_ablation_ratio >= sw.impact * 0.9
     assert torch.equal(model.model.layers[11].mlp.down_proj.weight, before)
@@ -50,8 +50,8 @@ def test_cli_detect_writes_json(smollm2, monkeypatch, tmp_path, capsys):
     code = main(["detect", "--max-tokens", "192", "--json", str(out), "--quiet"])
     assert code == 0
     data = json.loads(out.read_text())
-    assert data["schema_version"] == 1 and data["baseline_perplexity"] > 1
-    supers = [w for w in data["super_weights"] if w["verdict"] == "super"]
+    assert data["schema_version"] == 2 and data["baseline_perplexity"] > 1
+    supers = [w for w in data["candidates"] if w["verdict"] == "super"]
     assert [(w["layer"], w["row"], w["col"]) for w in supers] == [(11, 507, 1229)]
     printed = capsys.readouterr().out
     assert "[507, 1229]" in printed and "super" in printed

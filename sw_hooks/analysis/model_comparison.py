@@ -26,13 +26,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from sw_hooks.analysis.next_token import (
+    NextTokenAccumulator,
+    NextTokenAgreement,
+    _logits,
+    _window_batches,
+)
+from sw_hooks.analysis.options import PROMPT_TOKENS
+from sw_hooks.core.devices import execution_device
+from sw_hooks.core.progress import Progress, silent
 from sw_hooks.core.results import LayerPeak, SuperWeight
 
 COMPARE_SCHEMA_VERSION = 1
 DEFAULT_LOST_FRACTION = 0.5
 """A super activation below half of the original's is reported lost."""
-
-Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -280,16 +287,6 @@ def _super_activations(
 # --------------------------------------------------------------------------- next tokens
 
 
-@dataclass(frozen=True)
-class NextTokenAgreement:
-    """Both models' perplexity and how closely their next-token distributions agree."""
-
-    original_perplexity: float
-    candidate_perplexity: float
-    kl_divergence: float
-    top1_agreement: float
-
-
 @torch.no_grad()
 def next_token_agreement(
     original: nn.Module,
@@ -304,39 +301,14 @@ def next_token_agreement(
     The windows are those of :func:`sw_hooks.analysis.impact.perplexity`: every token is
     scored once, so each perplexity equals what that function gives for its model alone.
     """
-    from sw_hooks.analysis.impact import IGNORE_INDEX, perplexity_metric, windows
-    from sw_hooks.core.devices import execution_device
-
     devices = execution_device(original), execution_device(candidate)
-    metrics = None
-    kl = agree = 0.0
-    scored_tokens = 0
-    for begin, end, scored_from in windows(ids.shape[1], window, stride):
-        chunk = ids[:, begin:end]
+    totals = NextTokenAccumulator()
+    for chunk, targets in _window_batches(ids, window, stride):
         base, other = (
-            _next_logits(m, chunk, d) for m, d in zip((original, candidate), devices, strict=True)
+            _logits(m, chunk, d) for m, d in zip((original, candidate), devices, strict=True)
         )
-        other = other.to(base.device)
-        targets = chunk[:, 1:].clone().to(base.device, torch.long)
-        targets[:, : max(scored_from - 1, 0)] = IGNORE_INDEX
-        metrics = metrics or (perplexity_metric(base), perplexity_metric(base))
-        metrics[0].update(base, targets)
-        metrics[1].update(other, targets)
-        scored = targets != IGNORE_INDEX
-        base_logp, other_logp = base.log_softmax(-1)[scored], other.log_softmax(-1)[scored]
-        kl += float((base_logp.exp() * (base_logp - other_logp)).sum())
-        agree += float((base_logp.argmax(-1) == other_logp.argmax(-1)).sum())
-        scored_tokens += int(scored.sum())
-    assert metrics is not None  # compare_models checked there are at least 2 tokens
-    count = max(scored_tokens, 1)
-    perplexities = float(metrics[0].compute()), float(metrics[1].compute())
-    return NextTokenAgreement(*perplexities, kl / count, agree / count)
-
-
-def _next_logits(model: nn.Module, chunk: torch.Tensor, device: torch.device) -> torch.Tensor:
-    output = model(chunk.to(device))
-    logits = output.logits if hasattr(output, "logits") else output
-    return logits[:, :-1].float()
+        totals.update(base, other.to(base.device), targets.to(base.device, torch.long))
+    return totals.result()
 
 
 # --------------------------------------------------------------------------- the comparison
@@ -349,7 +321,7 @@ def compare_models(
     super_weights: Sequence[SuperWeight],
     *,
     names: tuple[str, str] | None = None,
-    prompt_tokens: int = 128,
+    prompt_tokens: int = PROMPT_TOKENS,
     window: int = 512,
     stride: int = 256,
     progress: Progress | None = None,
@@ -375,7 +347,7 @@ def compare_models(
         )
     if prompt_tokens < 1:
         raise ValueError(f"prompt_tokens must be at least 1, got {prompt_tokens}")
-    say = progress or (lambda line: None)
+    say = progress or silent
     modules = check_comparable(original, candidate, super_weights)
     candidate_modules = check_comparable(candidate, candidate, ())
     prompt = ids[:, :prompt_tokens]
@@ -395,8 +367,8 @@ def compare_models(
         prompt_tokens=int(prompt.shape[1]),
         layers=tuple(LayerPair(a, b) for a, b in zip(original_peaks, candidate_peaks, strict=True)),
         super_activations=_super_activations(super_weights, original_kept, candidate_kept),
-        original_perplexity=agreement.original_perplexity,
-        candidate_perplexity=agreement.candidate_perplexity,
+        original_perplexity=agreement.perplexity,
+        candidate_perplexity=agreement.other_perplexity,
         kl_divergence=agreement.kl_divergence,
         top1_agreement=agreement.top1_agreement,
     )

@@ -1,6 +1,6 @@
 """What a super-weight report holds: its options and every number it shows, as plain JSON.
 
-:class:`ReportOptions` says what :func:`sw_hooks.outputs.report.collect_report` measures;
+:class:`ReportOptions` says what :func:`sw_hooks.analysis.report.collect_report` measures;
 :class:`ReportData` is what it measured, read and written as ``report.json``.
 """
 
@@ -10,12 +10,13 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from sw_hooks.analysis.model_comparison import ModelComparison
+from sw_hooks.analysis.options import PROMPT_TOKENS
 from sw_hooks.core.results import DetectionResult, SuperWeight
-from sw_hooks.outputs.compare import ModelComparison
 from sw_hooks.quant.config import QuantConfig, ZScoreClip, quant_grid
 
 REPORT_SCHEMA_VERSION = 3
-"""3: adds ``comparison``, a candidate model's :class:`~sw_hooks.outputs.compare.ModelComparison`
+"""3: adds ``comparison``, a candidate model's :class:`~sw_hooks.analysis.model_comparison.ModelComparison`
 (empty without one); 2: the layer peaks live in ``detection`` (version 1 kept a copy beside
 it). Every version is still read."""
 READABLE_VERSIONS = (1, 2, REPORT_SCHEMA_VERSION)
@@ -45,7 +46,7 @@ class ReportOptions:
         [64, 1024]
     """
 
-    prompt_tokens: int = 128
+    prompt_tokens: int = PROMPT_TOKENS
     quantization: tuple[QuantConfig, ...] = quant_grid([4], REPORT_BLOCK_SIZES, [REPORT_CLIP])
     radius: int = 8
     window: int = 512
@@ -80,7 +81,7 @@ class ReportData:
         quantization: ``{"baseline_perplexity", "runs"}``.
         history: optional monitoring rows (``{name: value}``, with ``step``).
         comparison: with a candidate model, :meth:`ModelComparison.to_dict` of it against
-            this one (:mod:`sw_hooks.outputs.compare`); empty without one.
+            this one (:mod:`sw_hooks.analysis.model_comparison`); empty without one.
         options: the :class:`ReportOptions` used, as a dict.
         timings: seconds per stage.
     """
@@ -131,4 +132,4 @@ class ReportData:
 
 def shown_weights(result: DetectionResult) -> list[SuperWeight]:
     """The weights the report is about: the verified ones, else every candidate."""
-    return list(result.verified or result.super_weights)
+    return list(result.verified or result.candidates)

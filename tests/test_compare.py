@@ -211,7 +211,7 @@ def _compare(
     follow: str | None = "super_weights.json",
 ) -> subprocess.CompletedProcess:
     root = saved["root"]
-    following = ["--super-weights", str(root / follow)] if follow else []
+    following = ["--super-weights", str(root / follow), "--candidates"] if follow else []
     command = [
         sys.executable, "-m", "sw_hooks.cli", "compare", str(saved[original]),
         str(saved[candidate]), *following,

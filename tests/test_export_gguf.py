@@ -1,7 +1,8 @@
 """sw_hooks.export.gguf: quantized GGUF files whose super-weight tensors keep their precision.
 
-The source is a tiny planted llama written as an F32 GGUF file (with a 256-token byte-level
-tokenizer), so transformers loads both the source and every export from local files.
+The source is a tiny planted llama written as an F32 GGUF file
+(:func:`sw_hooks.testing.gguf_file.save_gguf`, with a 256-token byte-level tokenizer), so
+transformers loads both the source and every export from local files.
 """
 
 import json
@@ -16,64 +17,12 @@ from sw_hooks.export.gguf import QUANT_TYPES, export_gguf
 from sw_hooks.export.gguf_names import gguf_tensor_name
 from sw_hooks.export.manifest import apply_manifest, write_manifest
 from sw_hooks.testing import planted_llama
+from sw_hooks.testing.gguf_file import save_gguf
 
 SUPER = ("model.layers.1.mlp.down_proj", 5, 17)
 SUPER_TENSOR = "blk.1.ffn_down.weight"
 # Not representable in float16 nor on any 4-bit grid, so every rounding shows.
 SUPER_VALUE = 7.3
-
-
-def _byte_alphabet() -> list[str]:
-    from tokenizers import pre_tokenizers
-
-    return sorted(pre_tokenizers.ByteLevel.alphabet())
-
-
-def _permuted(weight: np.ndarray, heads: int) -> np.ndarray:
-    """llama.cpp's row order for q/k (transformers undoes it when loading)."""
-    rows = weight.shape[0]
-    return (
-        weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(weight.shape)
-    )
-
-
-def write_tiny_gguf(model: torch.nn.Module, path, extra: dict[str, np.ndarray] | None = None):
-    """Write a tiny llama model as an F32 GGUF file, as llama.cpp's converter lays it out."""
-    config = model.config
-    layers = config.num_hidden_layers
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(layers)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    writer.add_rope_dimension_count(config.head_dim)
-    writer.add_vocab_size(config.vocab_size)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list(_byte_alphabet())
-    writer.add_token_types([1] * config.vocab_size)
-    writer.add_token_scores([0.0] * config.vocab_size)
-    writer.add_bos_token_id(0)
-    writer.add_eos_token_id(0)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, layers)
-    for name, tensor in model.state_dict().items():
-        data = tensor.float().numpy()
-        if ".q_proj." in name:
-            data = _permuted(data, config.num_attention_heads)
-        elif ".k_proj." in name:
-            data = _permuted(data, config.num_key_value_heads)
-        writer.add_tensor(names.get_name(name, try_suffixes=(".weight",)), data)
-    for name, data in (extra or {}).items():
-        writer.add_tensor(name, data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +32,7 @@ def source(tmp_path_factory):
     with torch.no_grad():
         model.get_submodule(SUPER[0]).weight[SUPER[1], SUPER[2]] = SUPER_VALUE
     path = tmp_path_factory.mktemp("gguf") / "source.gguf"
-    write_tiny_gguf(model, path)
+    save_gguf(model, path)
     return path
 
 
@@ -166,7 +115,7 @@ def test_every_metadata_key_is_copied_and_the_file_type_updated(source, tmp_path
 def test_a_matrix_whose_rows_do_not_fit_the_block_keeps_its_source_type(tmp_path):
     model = planted_llama().model
     path = tmp_path / "odd.gguf"
-    write_tiny_gguf(model, path, extra={"blk.0.odd.weight": np.ones((4, 20), np.float32)})
+    save_gguf(model, path, extra={"blk.0.odd.weight": np.ones((4, 20), np.float32)})
     export = export_gguf(path, tmp_path / "out.gguf", quant_type="Q4_0")
     assert export.unfit == {"blk.0.odd.weight": "F32"}
     assert _types(tmp_path / "out.gguf")["blk.0.odd.weight"] == "F32"
@@ -188,7 +137,7 @@ _RULE_TENSORS = {
 def test_what_llama_quantize_keeps_at_full_precision_stays_there(tmp_path):
     path = tmp_path / "moe.gguf"
     extra = {name: np.ones(shape, np.float32) for name, (shape, _) in _RULE_TENSORS.items()}
-    write_tiny_gguf(planted_llama().model, path, extra=extra)
+    save_gguf(planted_llama().model, path, extra=extra)
     export_gguf(path, tmp_path / "out.gguf", quant_type="Q4_0")
     types = _types(tmp_path / "out.gguf")
     assert {name: types[name] for name in _RULE_TENSORS} == {
@@ -209,7 +158,7 @@ def test_an_experts_super_weight_keeps_the_ffn_down_exps_tensor(tmp_path, module
 
     path = tmp_path / "moe.gguf"
     extra = {"blk.1.ffn_down_exps.weight": np.ones((8, 64, 128), np.float32)}
-    write_tiny_gguf(planted_llama().model, path, extra=extra)
+    save_gguf(planted_llama().model, path, extra=extra)
     export = export_gguf(
         path, tmp_path / "out.gguf", super_weights=[Coordinate(module, 5, 100, expert=3)]
     )

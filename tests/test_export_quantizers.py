@@ -309,19 +309,22 @@ def test_cli_counts_the_model_and_names_its_gguf_tensors(saved, capsys) -> None:
     from sw_hooks.cli import main
 
     out = saved / "tensor-types.txt"
-    argv = ["quantizer-config", str(saved / "result.json"), "--tool", "llama.cpp"]
-    assert main([*argv, "--model", str(saved / "model"), "-o", str(out), "--quiet"]) == 0
+    argv = ["quantizer-config", str(saved / "model"), "--super-weights", str(saved / "result.json")]
+    assert main([*argv, "--tool", "llama.cpp", "-o", str(out), "--quiet"]) == 0
     assert out.read_text() == (
         f"# sw_hooks: {SUMMARY}\n--tensor-type 'blk\\.1\\.ffn_down\\.weight=f16'\n"
     )
     assert capsys.readouterr().out == ""
 
 
-def test_cli_without_a_model_prints_the_config(saved, kept, capsys) -> None:
+def test_cli_prints_the_config_counting_the_model(saved, kept, capsys) -> None:
     from sw_hooks.cli import main
 
-    argv = ["quantizer-config", str(saved / "result.json"), "--tool", "hf", "--method", "quanto"]
-    assert main(argv) == 0
+    argv = ["quantizer-config", str(saved / "model"), "--super-weights", str(saved / "result.json")]
+    assert main([*argv, "--tool", "hf", "--method", "quanto", "--quiet"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["quantization_config"] == hf_quantization_config(kept, "quanto")
-    assert (data["sw_hooks"]["kept_parameters"], data["sw_hooks"]["super_weights"]) == (None, 1)
+    assert (data["sw_hooks"]["kept_parameters"], data["sw_hooks"]["super_weights"]) == (
+        kept.parameters,
+        1,
+    )

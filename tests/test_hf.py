@@ -7,21 +7,10 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from sw_hooks.testing import planted_llama
+from sw_hooks.testing.datasets import Sequences
 from sw_hooks.training.hf import SuperWeightCallback, watch
 
 SUPER = ("model.layers.1.mlp.down_proj", 5, 17)
-
-
-class Sequences(torch.utils.data.Dataset):
-    def __init__(self, count: int = 6) -> None:
-        planted = planted_llama()
-        self.ids = [planted.calibration_ids(32, seed=i)[0] for i in range(count)]
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[index], "labels": self.ids[index]}
 
 
 def train(tmp_path, callback: SuperWeightCallback, weight_decay: float = 0.0, lr: float = 1e-2):
@@ -37,7 +26,9 @@ def train(tmp_path, callback: SuperWeightCallback, weight_decay: float = 0.0, lr
         use_cpu=True,
         disable_tqdm=True,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=Sequences(), callbacks=[callback])
+    trainer = Trainer(
+        model=model, args=args, train_dataset=Sequences.planted(6), callbacks=[callback]
+    )
     before = model.model.layers[1].mlp.down_proj.weight.detach().clone()
     trainer.train()
     return trainer, before, model.model.layers[1].mlp.down_proj.weight.detach()

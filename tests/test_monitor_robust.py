@@ -25,6 +25,7 @@ from torch.utils.hooks import RemovableHandle
 from transformers import Trainer, TrainingArguments
 
 from sw_hooks.testing import planted_llama
+from sw_hooks.testing.datasets import Sequences
 from sw_hooks.training.hf import SuperWeightCallback
 from sw_hooks.training.lightning import SuperWeightMonitor
 from sw_hooks.training.monitor import watch
@@ -159,18 +160,6 @@ def test_lightning_monitor_strict_raises_at_the_overflowing_step(tmp_path) -> No
 
 
 # -- Hugging Face Trainer ----------------------------------------------------------------
-class Sequences(torch.utils.data.Dataset):
-    def __init__(self, count: int = 8) -> None:
-        planted = planted_llama()
-        self.ids = [planted.calibration_ids(32, seed=i)[0] for i in range(count)]
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[index], "labels": self.ids[index]}
-
-
 def train(tmp_path: Path, callback: SuperWeightCallback, overflow_steps: Iterable[int]) -> Trainer:
     model = planted_llama().model.train()
     args = TrainingArguments(
@@ -186,7 +175,7 @@ def train(tmp_path: Path, callback: SuperWeightCallback, overflow_steps: Iterabl
     trainer = Trainer(
         model=model,
         args=args,
-        train_dataset=Sequences(),
+        train_dataset=Sequences.planted(8),
         callbacks=[callback],
         optimizers=(optimizer, None),
     )

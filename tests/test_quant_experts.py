@@ -227,14 +227,18 @@ def test_cli_quantize_holds_out_an_expert_super_weight(tmp_path: Path) -> None:
     text.write_text("the quick brown fox jumps over the lazy dog. " * 8)
     out = tmp_path / "out.json"
     command = [str(Path(sys.executable).parent / "sw-hooks"), "quantize", str(model_folder)]
-    command += ["--super-weights", str(weights), "--text", str(text), "--json", str(out)]
+    command += ["--super-weights", str(weights), "--candidates", "--text", str(text)]
+    command += ["--json", str(out)]
     command += ["--bits", "3", "--block-size", "48", "--clip", "zscore:3", "--quiet"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr
     assert f"held out: {FUSED_DOWN}[expert 3][5, 17]" in done.stdout
     payload = json.loads(out.read_text())
-    assert payload["super_weights"] == [[FUSED_DOWN, EXPERT, ROW, COL]]
+    assert payload["schema_version"] == 1
+    assert payload["super_weights"] == [
+        {"module": FUSED_DOWN, "row": ROW, "col": COL, "expert": EXPERT}
+    ]
     runs = [
         (run["bits"], run["block_size"], run["clip"], run["holdout"]) for run in payload["runs"]
     ]

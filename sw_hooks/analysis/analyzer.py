@@ -6,32 +6,20 @@ A thin facade: every method calls the functional API (magnitude, record, impact,
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from sw_hooks.analysis.candidates import layer_peaks_of
 from sw_hooks.analysis.detect import run_detection
 from sw_hooks.analysis.impact import Comparison, impact
 from sw_hooks.analysis.magnitude import find_by_magnitude
+from sw_hooks.analysis.options import PROMPT_TOKENS
 from sw_hooks.core.locate import find_down_projections, layer_index
 from sw_hooks.core.record import record
-from sw_hooks.core.results import DetectionResult, SuperWeight
+from sw_hooks.core.results import DetectionResult, LayerPeak, SuperWeight
 from sw_hooks.models import calibration_text, load_model, tokenize
-
-
-@dataclass(frozen=True)
-class LayerActivations:
-    """Max ``|input|`` and ``|output|`` of one down-projection, and where they occurred."""
-
-    layer: int | None
-    module: str
-    input_max: float
-    input_channel: int
-    output_max: float
-    output_channel: int
-    output_token: int
 
 
 class TransformerAnalyzer:
@@ -95,7 +83,7 @@ class TransformerAnalyzer:
 
     def analyze_activations(
         self, text: str | torch.Tensor | None = None, layer_indices: Iterable[int] | None = None
-    ) -> list[LayerActivations]:
+    ) -> list[LayerPeak]:
         """Per-layer max/argmax summaries of the down-projections (never raw tensors)."""
         wanted = None if layer_indices is None else set(layer_indices)
         modules = {
@@ -107,25 +95,11 @@ class TransformerAnalyzer:
             raise ValueError(f"no down-projection in layers {sorted(wanted or [])}")
         with record(self.model, modules) as recorder, torch.no_grad():
             self.model(self._ids(text))
-        return [_summarise(name, stats) for name, stats in recorder.stats.items()]
+        return list(layer_peaks_of(recorder.stats))
 
     def detect(self, text: str | torch.Tensor | None = None, **options: Any) -> DetectionResult:
         """Activation-based detection with causal verification (:func:`~sw_hooks.analysis.detect.run_detection`)."""
         ids = self._ids(text)
         return run_detection(
-            self.model, ids[:, :128], calibration=ids, model_name=self.name, **options
+            self.model, ids[:, :PROMPT_TOKENS], calibration=ids, model_name=self.name, **options
         )
-
-
-def _summarise(name: str, stats: Any) -> LayerActivations:
-    input_channel, input_max = stats.input.top()
-    output_channel, output_max = stats.output.top()
-    return LayerActivations(
-        layer_index(name),
-        name,
-        input_max,
-        input_channel,
-        output_max,
-        output_channel,
-        int(stats.output.token[output_channel]),
-    )

@@ -55,6 +55,7 @@ def collect_report(
     candidate: nn.Module | None = None,
     candidate_name: str | None = None,
     loss_fn: Loss | LossFn | None = None,
+    detection: DetectionResult | None = None,
 ) -> ReportData:
     """Detect, measure impact and sweep quantization: every number a report needs.
 
@@ -79,6 +80,8 @@ def collect_report(
         candidate_name: the candidate's name shown.
         loss_fn: what verification measures (default: chosen from the model's class; a
             model without a Hugging Face config is measured as a causal LM).
+        detection: a detection result of ``model`` (``sw-hooks detect --json``): the report
+            reads its super weights from it and does not detect again.
 
     Example:
         >>> from sw_hooks.testing import planted_llama
@@ -90,24 +93,29 @@ def collect_report(
     options = options or ReportOptions()
     loss = as_loss(model, loss_fn, tokenizer=tokenizer)
     if not is_causal(loss):
-        return _collect_non_causal(model, ids, loss, model_name, options, progress, candidate)
+        return _collect_non_causal(
+            model, ids, loss, model_name, options, progress, candidate, detection
+        )
     ids = _check_causal_ids(ids)
     if candidate is not None:
         check_comparable(model, candidate, ())
+    shown_weights(detection, options)  # a given result that cannot answer fails first
     timer = _Timer(progress)
-    result = timer.run("detection", lambda: _detect(model, ids, model_name, options, progress))
+    result = detection or timer.run(
+        "detection", lambda: _detect(model, ids, model_name, options, progress)
+    )
     data = ReportData(
         model=result.model,
         tokens=int(ids.shape[1]),
         detection=result.to_dict(),
         options=options.to_dict(),
     )
-    shown = shown_weights(result)
+    shown = shown_weights(result, options)
     if shown:
         prompt = ids[:, : options.prompt_tokens]
         timer.run("residual-stream traces", lambda: _traces(model, prompt, shown, options, data))
         data.impact = timer.run(
-            "impact (Table 1)", lambda: _impact(model, tokenizer, ids, result, options, progress)
+            "impact (Table 1)", lambda: _impact(model, tokenizer, ids, shown, options, progress)
         )
     if options.quantization:
         data.quantization = timer.run(
@@ -162,6 +170,7 @@ def _collect_non_causal(
     options: ReportOptions,
     progress: Progress | None,
     candidate: nn.Module | None,
+    detection: DetectionResult | None,
 ) -> ReportData:
     """Detection with the model's own loss, traces and heat maps; nothing perplexity-based."""
     from sw_hooks.analysis.detect import run_detection
@@ -173,8 +182,9 @@ def _collect_non_causal(
         )
     tokens = _check_inputs(inputs)
     prompt = inputs[:, : options.prompt_tokens] if isinstance(inputs, torch.Tensor) else inputs
+    shown_weights(detection, options)  # a given result that cannot answer fails first
     timer = _Timer(progress)
-    result = timer.run(
+    result = detection or timer.run(
         "detection",
         lambda: run_detection(
             model,
@@ -187,7 +197,7 @@ def _collect_non_causal(
         ),
     )
     data = ReportData(result.model, tokens, result.to_dict(), options=options.to_dict())
-    shown = shown_weights(result)
+    shown = shown_weights(result, options)
     if shown:
         timer.run("residual-stream traces", lambda: _traces(model, prompt, shown, options, data))
     data.timings = timer.timings
@@ -235,7 +245,7 @@ def _impact(
     model: nn.Module,
     tokenizer: Any,
     ids: torch.Tensor,
-    result: DetectionResult,
+    shown: Sequence[SuperWeight],
     options: ReportOptions,
     progress: Progress | None,
 ) -> list[dict[str, Any]]:
@@ -245,7 +255,7 @@ def _impact(
     rows = table1(
         model,
         ids,
-        shown_weights(result),
+        shown,
         stopwords=stopwords,
         window=options.window,
         stride=options.stride,

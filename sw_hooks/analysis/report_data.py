@@ -38,6 +38,8 @@ class ReportOptions:
         radius: the weight heat map shows ``2 * radius + 1`` rows and columns.
         window, stride: perplexity windows.
         max_traced: at most this many super weights get a residual-stream trace and a heat map.
+        candidates: the report is about every candidate of the detection, not only the
+            verified super weights.
 
     Example:
         >>> from sw_hooks.quant.config import quant_grid
@@ -52,6 +54,7 @@ class ReportOptions:
     window: int = 512
     stride: int = 256
     max_traced: int = 3
+    candidates: bool = False
 
     def __post_init__(self) -> None:
         if self.prompt_tokens < 2 or self.radius < 0 or self.max_traced < 1:
@@ -130,6 +133,12 @@ class ReportData:
         return [peak.to_dict() for peak in self.result.layer_peaks]
 
 
-def shown_weights(result: DetectionResult) -> list[SuperWeight]:
-    """The weights the report is about: the verified ones, else every candidate."""
-    return list(result.verified or result.candidates)
+def shown_weights(
+    result: DetectionResult | None, options: ReportOptions | None = None
+) -> list[SuperWeight]:
+    """The weights the report is about, by the one selection rule
+    (:meth:`~sw_hooks.core.results.DetectionResult.select`): the verified ones, or every
+    candidate when ``options.candidates``."""
+    if result is None:
+        return []
+    return list(result.select(candidates=bool(options and options.candidates)))

@@ -27,6 +27,7 @@ class CliError(Exception):
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The positional MODEL, ``--gguf`` (a file inside it) and :func:`add_run_arguments`."""
     parser.add_argument(
         "model",
         nargs="?",
@@ -34,6 +35,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="Hugging Face id, local directory or .gguf file (default: embedded SmolLM2-135M)",
     )
     parser.add_argument("--gguf", default=None, help="GGUF file name inside a MODEL directory")
+    add_run_arguments(parser)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The text measured, how much of it, progress and the GGUF cache: every subcommand's."""
     parser.add_argument(
         "--text",
         type=Path,

@@ -24,17 +24,22 @@ from sw_hooks.analysis.model_comparison import DEFAULT_LOST_FRACTION
 from sw_hooks.cli._common import (
     PROMPT_TOKENS,
     CliError,
-    add_placement_arguments,
+    add_run_arguments,
     check_model_arguments,
     first_line,
     load_model_for_cli,
     progress,
     read_text,
-    step,
     token_ids,
     with_model,
 )
 from sw_hooks.cli._paths import check_output_file, write_output
+from sw_hooks.cli._super_weights import (
+    add_super_weights_arguments,
+    detect_on,
+    read_detection,
+    selected,
+)
 
 LOST_EXIT = 1
 
@@ -51,17 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("original", help="the original model: Hugging Face id, folder or .gguf")
     parser.add_argument("candidate", help="the changed model, with the original's vocabulary")
-    parser.add_argument(
-        "--super-weights",
-        type=Path,
-        default=None,
-        help="JSON from `sw-hooks detect --json` (default: detect them on ORIGINAL)",
-    )
-    parser.add_argument(
-        "--verify",
-        action="store_true",
-        help="verify detected candidates by ablation and follow the verified ones only",
-    )
+    add_super_weights_arguments(parser)
     parser.add_argument(
         "--fail-if-lost",
         type=float,
@@ -73,23 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"(default FRACTION: {DEFAULT_LOST_FRACTION})",
     )
     parser.add_argument("--json", type=Path, default=None, help="write the comparison as JSON here")
-    parser.add_argument(
-        "--text",
-        type=Path,
-        default=None,
-        help="evaluation text file (default: Python's bundled pydoc text)",
-    )
-    parser.add_argument(
-        "--max-tokens",
-        type=int,
-        default=1024,
-        help="tokens of the text measured (default: 1024)",
-    )
-    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    parser.add_argument(
-        "--no-cache", action="store_true", help="convert GGUF models afresh instead of the cache"
-    )
-    add_placement_arguments(parser)
+    add_run_arguments(parser)
     parser.set_defaults(func=run, gguf=None)
 
 
@@ -107,22 +86,6 @@ def _check_models(args: argparse.Namespace) -> None:
             check_model_spec(spec)
         except (ValueError, TypeError, OSError) as error:
             raise CliError(first_line(error)) from None
-
-
-def _given_super_weights(path: Path | None) -> list[Any] | None:
-    if path is None:
-        return None
-    from sw_hooks.core.results import load_super_weights
-
-    try:
-        return _followed(load_super_weights(path))
-    except (OSError, ValueError) as error:
-        raise CliError(f"cannot read {path}: {error}") from None
-
-
-def _followed(weights: list[Any]) -> list[Any]:
-    """The verified super weights, else every candidate."""
-    return [w for w in weights if w.verdict == "super"] or list(weights)
 
 
 def _check_something_followed(args: argparse.Namespace, weights: list[Any], source: str) -> None:
@@ -186,20 +149,6 @@ def _load(args: argparse.Namespace, spec: str) -> tuple[Any, Any, str]:
     return load_model_for_cli(with_model(args, spec))
 
 
-def _detected(args: argparse.Namespace, model: Any, ids: Any, calibration: Any) -> list[Any]:
-    from sw_hooks.analysis.detect import run_detection
-
-    with step("detecting super weights on ORIGINAL", quiet=args.quiet):
-        result = run_detection(
-            model,
-            ids,
-            calibration=calibration,
-            verify_impact=args.verify,
-            progress=lambda line: progress(line, quiet=args.quiet),
-        )
-    return list(result.verified) if args.verify else list(result.candidates)
-
-
 def format_comparison(comparison: Any, fraction: float) -> str:
     """The comparison as fixed-width tables: layers, then super activations, then totals."""
     lines = [
@@ -245,16 +194,20 @@ def run(args: argparse.Namespace) -> int:
     _check_fraction(args.fail_if_lost)
     check_model_arguments(args)
     check_output_file(args.json, "--json")
-    given = _given_super_weights(args.super_weights)
+    given = read_detection(args)
     if given is not None:
-        _check_something_followed(args, given, f"{args.super_weights} lists no super weight")
+        source = f"{args.super_weights} lists no super weight"
+        _check_something_followed(args, selected(given, args), source)
     text = read_text(args.text)
     _check_models(args)
     original, tokenizer, original_name = _load(args, args.original)
     candidate, candidate_tokenizer, candidate_name = _load(args, args.candidate)
     check_same_tokenizer(tokenizer, candidate_tokenizer, text, args.max_tokens)
     ids = token_ids(tokenizer, text, args.max_tokens)
-    weights = given if given is not None else _detected(args, original, ids[:, :PROMPT_TOKENS], ids)
+    result = given or detect_on(
+        original, ids, candidates=args.candidates, quiet=args.quiet, name=original_name
+    )
+    weights = selected(result, args)
     _check_something_followed(args, weights, "detection found no super weight on ORIGINAL")
     comparison = compare_models(
         original,

@@ -24,6 +24,7 @@ from sw_hooks.cli._common import (
 from sw_hooks.cli._paths import check_output_file, write_output
 from sw_hooks.cli.detect_streamed import check_stream_model, run_streamed
 from sw_hooks.core.results import DetectionResult
+from sw_hooks.outputs.tables import fixed_width, super_experts_table, weights_table
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -122,48 +123,19 @@ def _options(args: argparse.Namespace) -> DetectionOptions:
 
 
 def format_table(result: DetectionResult) -> str:
-    """The result as a fixed-width table, super weights first, then the other candidates.
-
-    Weights inside experts get an ``expert`` column, and whole super experts a table of
-    their own.
-    """
+    """The result as fixed-width tables: every candidate, super weights first, then whole
+    super experts (the report shows the same tables)."""
     lines = [f"model: {result.model}"]
     if result.baseline_perplexity is not None:
         lines.append(f"baseline perplexity: {result.baseline_perplexity:.3f}")
-    experts = any(w.expert is not None for w in result.candidates)
-    expert_header = f" {'expert':>6}" if experts else ""
-    header = f"{'layer':>5}{expert_header}  {'module':<34} {'[row, col]':<14} {'weight':>9} {'in act':>10} {'out act':>11} {'tok':>4} {'impact':>9}  verdict"
-    lines += [header, "-" * len(header)]
-    ordered = sorted(result.candidates, key=lambda w: (w.verdict != "super", -(w.impact or 0)))
-    for w in ordered:
-        impact = f"x{w.impact:.2f}" if w.impact is not None else "-"
-        expert = f" {w.expert if w.expert is not None else '-':>6}" if experts else ""
-        lines.append(
-            f"{w.layer if w.layer is not None else '-':>5}{expert}  {w.module:<34} {f'[{w.row}, {w.col}]':<14} "
-            f"{w.value:>9.4f} {w.input_activation:>10.1f} {w.output_activation:>11.1f} "
-            f"{w.token_position:>4} {impact:>9}  {w.verdict}"
-        )
-    if not result.candidates:
-        lines.append("(no spike pairs found)")
+    lines.append(fixed_width(weights_table(result)))
     if result.joint_ablation_ratio is not None:
         lines.append(
-            f"all {len(result.candidates)} candidates zeroed together: perplexity x{result.joint_ablation_ratio:.2f}"
+            f"all {len(result.candidates)} candidates zeroed together: "
+            f"perplexity x{result.joint_ablation_ratio:.2f}"
         )
     lines.append(f"super weights: {len(result.verified)} of {len(result.candidates)} candidates")
     if result.super_experts:
-        lines += ["", *_super_expert_lines(result)]
+        lines += ["", "super experts (whole experts, verified by pruning their routing):"]
+        lines.append(fixed_width(super_experts_table(result)))
     return "\n".join(lines)
-
-
-def _super_expert_lines(result: DetectionResult) -> list[str]:
-    header = f"{'layer':>5} {'expert':>6}  {'module':<34} {'peak |out|':>10} {'channel':>7} {'tokens':>6} {'impact':>9}  verdict"
-    lines = ["super experts (whole experts, verified by pruning their routing):", header]
-    lines.append("-" * len(header))
-    for e in result.super_experts:
-        impact = f"x{e.impact:.2f}" if e.impact is not None else "-"
-        layer = e.layer if e.layer is not None else "-"
-        lines.append(
-            f"{layer:>5} {e.expert:>6}  {e.module:<34} {e.output_max:>10.1f} {e.channel:>7} "
-            f"{e.tokens:>6} {impact:>9}  {e.verdict}"
-        )
-    return lines

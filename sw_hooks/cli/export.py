@@ -8,9 +8,8 @@ from typing import Any
 
 from sw_hooks.cli._common import (
     MIN_TOKENS,
-    PROMPT_TOKENS,
     CliError,
-    add_placement_arguments,
+    add_run_arguments,
     check_placement_arguments,
     first_line,
     load_model_for_cli,
@@ -20,6 +19,12 @@ from sw_hooks.cli._common import (
     token_ids,
 )
 from sw_hooks.cli._paths import check_output_file
+from sw_hooks.cli._super_weights import (
+    add_super_weights_arguments,
+    detect_on,
+    read_detection,
+    selected,
+)
 from sw_hooks.export.gguf import KEEP_TYPES, QUANT_TYPES, GgufExport, check_export, export_gguf
 
 NO_KEEP = "none"
@@ -54,35 +59,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"type of the super-weight tensors: {', '.join(KEEP_TYPES)} or {NO_KEEP} "
         "(default: f16)",
     )
-    parser.add_argument(
-        "--super-weights",
-        type=Path,
-        default=None,
-        help="JSON from `sw-hooks detect --json` (its verified weights); default: detect them",
-    )
+    add_super_weights_arguments(parser)
     parser.add_argument(
         "--manifest",
         type=Path,
         default=None,
         help="also write the super weights' exact values here, to apply after loading",
     )
-    parser.add_argument(
-        "--text",
-        type=Path,
-        default=None,
-        help="text to detect on (default: Python's bundled pydoc text)",
-    )
-    parser.add_argument(
-        "--max-tokens",
-        type=int,
-        default=1024,
-        help="tokens of the text used to verify candidates (default: 1024)",
-    )
-    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    parser.add_argument(
-        "--no-cache", action="store_true", help="convert the model afresh to detect on it"
-    )
-    add_placement_arguments(parser)
+    add_run_arguments(parser)
     # The model is always a file here: no folder, so no file name inside one.
     parser.set_defaults(func=run, gguf=None)
 
@@ -95,16 +79,20 @@ def run(args: argparse.Namespace) -> int:
     check_placement_arguments(args)
     check_output_file(args.gguf_out, "--gguf")
     check_output_file(args.manifest, "--manifest")
-    given = _read_super_weights(args.super_weights) if args.super_weights else None
+    given = read_detection(args)
+    weights = selected(given, args) if given is not None else None
     text = read_text(args.text)
     check_export(
-        source, args.gguf_out, quant_type=args.quant_type, keep=keep, super_weights=given or ()
+        source, args.gguf_out, quant_type=args.quant_type, keep=keep, super_weights=weights or ()
     )
-    weights = given
     if weights is None or args.manifest is not None:
         model, tokenizer, _ = load_model_for_cli(args)
         if weights is None:
-            weights = _detected(args, model, token_ids(tokenizer, text, args.max_tokens))
+            ids = token_ids(tokenizer, text, args.max_tokens)
+            result = detect_on(model, ids, candidates=args.candidates, quiet=args.quiet)
+            weights = selected(result, args)
+            if not weights:
+                progress("no super weight: every tensor is quantized", quiet=args.quiet)
         if args.manifest is not None:
             _write_manifest(weights, model, args.manifest, source, quiet=args.quiet)
     with step(f"writing {args.gguf_out}", quiet=args.quiet):
@@ -138,32 +126,6 @@ def _source(model: str | None) -> Path:
         except FileNotFoundError as error:
             raise CliError(first_line(error)) from None
     return Path(model).expanduser()
-
-
-def _read_super_weights(path: Path) -> list[Any]:
-    """The verified super weights of a ``sw-hooks detect --json`` result."""
-    from sw_hooks.core.results import DetectionResult
-
-    try:
-        return list(DetectionResult.load(path).verified)
-    except (OSError, ValueError) as error:
-        raise CliError(f"cannot read {path}: {first_line(error)}") from None
-
-
-def _detected(args: argparse.Namespace, model: Any, calibration: Any) -> list[Any]:
-    """Super weights detected and verified on the same windows as ``sw-hooks detect``."""
-    from sw_hooks.analysis.detect import run_detection
-
-    with step("detecting super weights", quiet=args.quiet):
-        result = run_detection(
-            model,
-            calibration[:, :PROMPT_TOKENS],
-            calibration=calibration,
-            progress=lambda line: progress(line, quiet=args.quiet),
-        )
-    if not result.verified:
-        progress("no verified super weight: every tensor is quantized", quiet=args.quiet)
-    return list(result.verified)
 
 
 def _write_manifest(

@@ -21,10 +21,19 @@ from sw_hooks.cli._common import (
     token_ids,
 )
 from sw_hooks.cli._paths import check_output_file, write_output
+from sw_hooks.cli._super_weights import (
+    add_super_weights_arguments,
+    detect_on,
+    read_detection,
+    selected,
+)
 from sw_hooks.core.access import Coordinate
+from sw_hooks.core.results import DetectionResult
 from sw_hooks.quant.config import QuantConfig, quant_grid
 
 DEFAULTS = QuantConfig()
+QUANTIZE_SCHEMA_VERSION = 1
+"""``quantize --json``: the held-out weights as ``{module, row, col, expert}`` objects."""
 _INDEX = re.compile(r"-?\d+")
 
 
@@ -70,12 +79,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="a super weight to hold out, MODULE:ROW:COL or, inside fused experts, "
         "MODULE:EXPERT:ROW:COL (repeatable); default: detect them",
     )
-    given.add_argument(
-        "--super-weights",
-        type=Path,
-        default=None,
-        help="JSON from `sw-hooks detect --json` giving the weights to hold out",
-    )
+    add_super_weights_arguments(parser, given)
     parser.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
     parser.set_defaults(func=run)
 
@@ -110,30 +114,23 @@ def _parse_coordinate(spec: str) -> Coordinate:
         raise CliError(f"--holdout {spec}: {error}") from None
 
 
-def _read_super_weights(path: Path) -> list[Any]:
-    from sw_hooks.core.results import load_super_weights
-
-    try:
-        return load_super_weights(path)
-    except (OSError, ValueError) as error:
-        raise CliError(f"cannot read {path}: {error}") from None
-
-
-def _given_super_weights(args: argparse.Namespace) -> list[Any] | None:
-    """The weights to hold out from ``--holdout`` or ``--super-weights``; None: detect them."""
-    if args.holdout:
-        return _parse_holdout(args.holdout)
-    if args.super_weights is not None:
-        return _read_super_weights(args.super_weights)
-    return None
+def _held_out(
+    args: argparse.Namespace, given: DetectionResult | None, model: nn.Module, ids: Any
+) -> list[Any]:
+    """The weights the detection result selects (read from ``--super-weights`` or detected
+    now)."""
+    result = given or detect_on(model, ids, candidates=args.candidates, quiet=args.quiet)
+    return selected(result, args)
 
 
-def _detected_super_weights(args: argparse.Namespace, model: nn.Module, ids: Any) -> list[Any]:
-    from sw_hooks.analysis.detect import run_detection
-
-    with step("detecting super weights", quiet=args.quiet):
-        result = run_detection(model, ids, verify_impact=False)
-    return list(result.candidates)
+def _coordinate_dict(weight: Any) -> dict[str, Any]:
+    coordinate = Coordinate.of(weight)
+    return {
+        "module": coordinate.module,
+        "row": coordinate.row,
+        "col": coordinate.col,
+        "expert": coordinate.expert,
+    }
 
 
 def _name(coordinate: Coordinate) -> str:
@@ -173,11 +170,14 @@ def run(args: argparse.Namespace) -> int:
     configs = _configs(args)
     check_model_arguments(args)
     check_output_file(args.json, "--json")
-    given = _given_super_weights(args)
+    if args.holdout and args.candidates:
+        raise CliError("--candidates chooses among detected weights; --holdout names them")
+    holdout = _parse_holdout(args.holdout) if args.holdout else None  # checked before loading
+    given = read_detection(args)
     text = read_text(args.text)
     model, tokenizer, name = load_model_for_cli(args)
     ids = token_ids(tokenizer, text, args.max_tokens)
-    weights = given if given is not None else _detected_super_weights(args, model, ids)
+    weights = holdout if holdout is not None else _held_out(args, given, model, ids)
     resolve_holdout(model, weights)
     progress(f"holding out: {_describe(weights)}", quiet=args.quiet)
     with step("baseline perplexity", quiet=args.quiet):
@@ -195,9 +195,10 @@ def run(args: argparse.Namespace) -> int:
     print(_table(baseline, runs))
     if args.json is not None:
         payload = {
+            "schema_version": QUANTIZE_SCHEMA_VERSION,
             "model": name,
             "tokens": int(ids.shape[1]),
-            "super_weights": [list(Coordinate.of(w).as_tuple()) for w in weights],
+            "super_weights": [_coordinate_dict(w) for w in weights],
             "baseline_perplexity": baseline,
             "runs": runs,
         }

@@ -20,6 +20,7 @@ from sw_hooks.cli._common import (
     with_model,
 )
 from sw_hooks.cli._paths import check_output_folder
+from sw_hooks.cli._super_weights import add_super_weights_arguments, read_detection
 from sw_hooks.quant.config import QuantConfig, quant_grid
 
 DEFAULTS = QuantConfig()
@@ -32,7 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "report",
         help="write a report with figures: spikes, residual stream, weights, impact, quantization",
         description=(
-            "Detect and verify the super weights, measure the paper's Table 1 and a small "
+            "Detect and verify the super weights (or read them from --super-weights FILE), "
+            "measure the paper's Table 1 and a small "
             "quantization sweep, and write DIR/report.md with the figures as PNGs beside it, "
             "DIR/report.html (one self-contained file, figures inside) and DIR/report.json "
             "with every number shown. A model other than a causal LM (an encoder, a "
@@ -79,6 +81,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="a changed copy of MODEL (quantized, fine-tuned: folder or .gguf) to compare "
         "with it: super activations, perplexity, KL, and both spike profiles",
     )
+    add_super_weights_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -90,7 +93,9 @@ def _options(args: argparse.Namespace):  # -> ReportOptions (imported lazily)
     if any(size <= 0 for size in sizes):
         raise CliError(f"--block-size must be positive, got {list(sizes)}")
     try:
-        return ReportOptions(quantization=quant_grid([args.bits], sizes, [args.clip]))
+        return ReportOptions(
+            quantization=quant_grid([args.bits], sizes, [args.clip]), candidates=args.candidates
+        )
     except ValueError as error:
         raise CliError(str(error)) from None
 
@@ -150,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_folder(args.out, "--out", _report_files())
     _check_plots_installed()
     history = _history(args.history)
+    given = read_detection(args)
     text = read_text(args.text)
     _check_candidate(args.candidate)
     model, tokenizer, name = load_model_for_cli(args)
@@ -164,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
         progress=lambda line: progress(line, quiet=args.quiet),
         candidate=candidate,
         candidate_name=candidate_name,
+        detection=given,
     )
     data.history = history
     with step("writing figures", quiet=args.quiet):

@@ -129,6 +129,20 @@ def _maxima_without_locations(flat: torch.Tensor) -> ChannelMaxima:
     return ChannelMaxima(value.abs(), value, unknown, unknown.clone())
 
 
+def beats(incoming: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+    """The max-merge rule, per channel: ``incoming`` replaces ``current`` when larger.
+
+    A NaN wins and stays: a non-finite activation must not vanish from the record. Ties
+    keep ``current``. Every merge of running maxima (the recorder's, the metric's across
+    steps and processes) decides with this one rule.
+
+    Example:
+        >>> beats(torch.tensor([3.0, 1.0, float("nan")]), torch.tensor([2.0, 1.0, 9.0])).tolist()
+        [True, False, True]
+    """
+    return (incoming > current) | (incoming.isnan() & ~current.isnan())
+
+
 def merge_channel_maxima(a: ChannelMaxima | None, b: ChannelMaxima | None) -> ChannelMaxima | None:
     """Elementwise max of two running maxima; each channel keeps the winner's location."""
     if a is None or b is None:
@@ -136,8 +150,7 @@ def merge_channel_maxima(a: ChannelMaxima | None, b: ChannelMaxima | None) -> Ch
     if a.abs_max.shape != b.abs_max.shape:
         raise ValueError(f"cannot merge maxima of {a.channels} and {b.channels} channels")
     b = _to_device(b, a.abs_max.device)
-    # A NaN wins and stays: a non-finite activation must not vanish from the record.
-    b_wins = (b.abs_max > a.abs_max) | (b.abs_max.isnan() & ~a.abs_max.isnan())
+    b_wins = beats(b.abs_max, a.abs_max)
     return ChannelMaxima(
         *(
             torch.where(b_wins, getattr(b, f.name), getattr(a, f.name))

@@ -11,7 +11,8 @@ import base64
 import html
 from collections.abc import Mapping, Sequence
 
-from sw_hooks.outputs.report_sections import Block, Code, FigureBlock, Heading, Paragraph
+from sw_hooks.outputs.report_sections import Block, FigureBlock, Heading, Paragraph
+from sw_hooks.outputs.tables import Code
 
 STYLE = (
     "body{font-family:sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}"

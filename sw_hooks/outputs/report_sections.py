@@ -13,10 +13,7 @@ from typing import Any
 
 from sw_hooks.analysis.report_data import ReportData
 from sw_hooks.core.results import DetectionResult
-
-
-class Code(str):
-    """Table-cell text shown as code (a module name)."""
+from sw_hooks.outputs.tables import Code, Table, super_experts_table, weights_table
 
 
 @dataclass(frozen=True)
@@ -27,15 +24,6 @@ class Heading:
 @dataclass(frozen=True)
 class Paragraph:
     text: str
-
-
-@dataclass(frozen=True)
-class Table:
-    """A table; ``numeric[i]`` right-aligns column ``i``."""
-
-    header: tuple[str, ...]
-    numeric: tuple[bool, ...]
-    rows: tuple[tuple[str, ...], ...]
 
 
 @dataclass(frozen=True)
@@ -87,7 +75,7 @@ def report_blocks(data: ReportData, figures: Sequence[str]) -> list[Block]:
         blocks += _non_causal_intro(data, loss)
     if result.baseline_perplexity:
         blocks.append(Paragraph(f"Baseline perplexity {result.baseline_perplexity:.2f}."))
-    blocks.append(_weights_table(result, loss))
+    blocks.append(weights_table(result, loss))
     if result.super_experts:
         blocks += _super_experts_table(result)
     shown = set(figures)
@@ -140,79 +128,15 @@ def _non_causal_intro(data: ReportData, loss: str) -> list[Block]:
     ]
 
 
-def _weights_table(result: DetectionResult, loss: str | None = None) -> Table:
-    """One row a candidate; an ``expert`` column when any sits inside experts; the impact
-    column names the loss when it is not perplexity."""
-    experts = any(w.expert is not None for w in result.candidates)
-    header = ("layer", *(("expert",) if experts else ()), "module", "[row, col]", "weight")
-    rows = [
-        (
-            str(w.layer),
-            *((str(w.expert) if w.expert is not None else "-",) if experts else ()),
-            Code(w.module),
-            f"[{w.row}, {w.col}]",
-            f"{w.value:.4g}",
-            f"{w.input_activation:.1f}",
-            f"{w.output_activation:.1f}",
-            str(w.token_position),
-            f"x{w.impact:.2f}" if w.impact is not None else "-",
-            w.verdict,
-        )
-        for w in result.candidates
-    ]
-    width = len(header) + 5
-    if not rows:
-        rows = [("-", "no spike pairs found", *([""] * (width - 2)))]
-    numeric = (
-        True,
-        *((True,) if experts else ()),
-        False,
-        False,
-        True,
-        True,
-        True,
-        True,
-        True,
-        False,
-    )
-    impact = f"impact ({loss})" if loss is not None else "impact"
-    columns = (*header, "input act.", "output act.", "token", impact, "verdict")
-    return Table(columns, numeric, tuple(rows))
-
-
 def _super_experts_table(result: DetectionResult) -> list[Block]:
     """Whole experts whose output is massive, each verified by pruning its routing."""
-    rows = tuple(
-        (
-            str(e.layer),
-            str(e.expert),
-            Code(e.module),
-            f"{e.output_max:.1f}",
-            str(e.channel),
-            str(e.tokens),
-            f"x{e.impact:.2f}" if e.impact is not None else "-",
-            e.verdict,
-        )
-        for e in result.super_experts
-    )
-    header = (
-        "layer",
-        "expert",
-        "module",
-        "peak |output|",
-        "channel",
-        "tokens",
-        "impact",
-        "verdict",
-    )
-    numeric = (True, True, False, True, True, True, True, False)
     return [
         Heading("Super experts"),
         Paragraph(
             "Whole experts whose down-projection output stands above the others' (arXiv "
             "2507.23279), each measured with its routing pruned."
         ),
-        Table(header, numeric, rows),
+        super_experts_table(result),
     ]
 
 

@@ -26,6 +26,7 @@ from torchmetrics import Metric
 from sw_hooks.core.access import oriented_shape
 from sw_hooks.core.experts import ExpertsModule
 from sw_hooks.core.locate import find_down_projections
+from sw_hooks.core.maxima import beats
 from sw_hooks.core.record import (
     ChannelMaxima,
     ChannelStats,
@@ -61,10 +62,8 @@ def where_to_maxima(where: torch.Tensor) -> ChannelMaxima:
 
 
 def merge_where(current: torch.Tensor, incoming: torch.Tensor) -> torch.Tensor:
-    """Per channel, keep the column whose ``abs_max`` is larger (``current`` on ties).
-
-    A NaN wins, as in :func:`~sw_hooks.core.record.merge_channel_maxima` and ``argmax`` in
-    :func:`keep_largest`: a non-finite activation must not vanish from the record.
+    """Per channel, keep the column whose ``abs_max`` wins by :func:`~sw_hooks.core.maxima.beats`
+    (larger, or NaN; ``current`` on ties), the rule of every merge of maxima.
 
     Example:
         >>> a = torch.tensor([[1.0, 5.0], [1.0, -5.0], [0.0, 2.0], [0.0, 0.0]])
@@ -73,8 +72,7 @@ def merge_where(current: torch.Tensor, incoming: torch.Tensor) -> torch.Tensor:
         [-3.0, -5.0]
     """
     incoming = incoming.to(current.device)
-    new, old = incoming[0], current[0]
-    return torch.where((new > old) | (new.isnan() & ~old.isnan()), incoming, current)
+    return torch.where(beats(incoming[0], current[0]), incoming, current)
 
 
 def keep_largest(stacked: torch.Tensor) -> torch.Tensor:

@@ -287,74 +287,130 @@ ROWS: list[tuple[list[str], str]] = [
         "reads GGUF only: convert the checkpoint with llama.cpp",
     ),
     # quantizer-config: options are refused before the result is read, the result before
-    # the --model loads
-    (["quantizer-config"], "the following arguments are required: result, --tool"),
+    # the model loads
+    (["quantizer-config"], "the following arguments are required: --tool"),
     (
-        ["quantizer-config", "{inputs}/missing.json", "--tool", "awq"],
+        [
+            "quantizer-config",
+            "{never}",
+            "--super-weights",
+            "{inputs}/missing.json",
+            "--tool",
+            "awq",
+        ],
         "argument --tool: invalid choice: 'awq'",
     ),
     (
-        ["quantizer-config", "{inputs}/missing.json", "--tool", "llama.cpp"],
-        "--tool llama.cpp names GGUF tensors: give --arch or --model",
-    ),
-    (
-        ["quantizer-config", "{inputs}/missing.json", "--tool", "llama.cpp", "--arch", "made_up"],
+        [
+            "quantizer-config",
+            "{never}",
+            "--super-weights",
+            "{inputs}/missing.json",
+            "--tool",
+            "llama.cpp",
+            "--arch",
+            "made_up",
+        ],
         "gguf does not map the architecture 'made_up' to GGUF tensor names",
     ),
     (
         [
             "quantizer-config",
+            "{never}",
+            "--super-weights",
             "{inputs}/missing.json",
             "--tool",
             "llama.cpp",
-            "--model",
-            "{never}",
             "--tensor-type",
             "f17",
         ],
         "unknown GGML type 'f17'",
     ),
     (
-        [
-            "quantizer-config",
-            "{inputs}/missing.json",
-            "--tool",
-            "torchao",
-            "--torchao-config",
-            "x+y",
-        ],
+        ["quantizer-config", "{never}", "--tool", "torchao", "--torchao-config", "x+y"],
         "config must be a torchao config call such as 'Int8WeightOnlyConfig()', got 'x+y'",
     ),
     (
-        ["quantizer-config", "{inputs}/missing.json", "--tool", "hf", "--method", "gguf"],
+        ["quantizer-config", "{never}", "--tool", "hf", "--method", "gguf"],
         "argument --method: invalid choice: 'gguf'",
     ),
     (
-        ["quantizer-config", "{inputs}/missing.json", "--tool", "hf", "--gguf", "model.gguf"],
-        "--gguf names a file inside a --model folder",
+        ["quantizer-config", "--tool", "hf", "--gguf", "model.gguf"],
+        "--gguf names a file inside a MODEL folder",
+    ),
+    (
+        ["quantizer-config", "{never}", "--tool", "hf", "-o", "{tmp}/missing/out.json"],
+        "folder {tmp}/missing does not exist",
+    ),
+    (
+        ["quantizer-config", "{never}", "--tool", "hf", "-o", "{tmp}/a-folder"],
+        "-o {tmp}/a-folder is a folder",
     ),
     (
         [
             "quantizer-config",
+            "{never}",
+            "--super-weights",
             "{inputs}/missing.json",
             "--tool",
-            "hf",
-            "-o",
-            "{tmp}/missing/out.json",
+            "gptqmodel",
         ],
-        "folder {tmp}/missing does not exist",
-    ),
-    (
-        ["quantizer-config", "{inputs}/missing.json", "--tool", "hf", "-o", "{tmp}/a-folder"],
-        "-o {tmp}/a-folder is a folder",
-    ),
-    (
-        ["quantizer-config", "{inputs}/missing.json", "--tool", "gptqmodel"],
         "cannot read {inputs}/missing.json: no such file",
     ),
     (
-        ["quantizer-config", "{inputs}/broken.json", "--tool", "hf", "--model", "{never}"],
+        ["quantizer-config", "{never}", "--super-weights", "{inputs}/broken.json", "--tool", "hf"],
         "cannot read {inputs}/broken.json",
+    ),
+    # --super-weights: every command reads it the same way, before its model loads; a result
+    # whose candidates were never verified gives no verified weights, and says so
+    (
+        ["report", "{never}", "--out", "{tmp}/report", "--super-weights", "{inputs}/broken.json"],
+        "cannot read {inputs}/broken.json",
+    ),
+    (
+        ["quantize", "{never}", "--super-weights", "{inputs}/unverified.json"],
+        "candidate(s) that were never verified",
+    ),
+    (
+        [
+            "report",
+            "{never}",
+            "--out",
+            "{tmp}/report",
+            "--super-weights",
+            "{inputs}/unverified.json",
+        ],
+        "candidate(s) that were never verified",
+    ),
+    (
+        ["compare", "{never}", "{never}", "--super-weights", "{inputs}/unverified.json"],
+        "candidate(s) that were never verified",
+    ),
+    (
+        [
+            "export",
+            "{never}",
+            "--gguf",
+            "{tmp}/out.gguf",
+            "--super-weights",
+            "{inputs}/unverified.json",
+        ],
+        "candidate(s) that were never verified",
+    ),
+    (
+        [
+            "quantizer-config",
+            "{never}",
+            "--super-weights",
+            "{inputs}/unverified.json",
+            "--tool",
+            "hf",
+        ],
+        "candidate(s) that were never verified",
+    ),
+    (
+        ["quantize", "{never}", "--holdout", "m:1:2", "--candidates"],
+        "--candidates chooses among detected weights; --holdout names them",
     ),
 ]
 
@@ -397,6 +453,10 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (folder / "latin1.txt").write_bytes("Caf\xe9 cr\xe8me".encode("latin-1"))
     (folder / "fake.gguf").write_bytes(b"PK\x03\x04 not a GGUF file")
     (folder / "broken.json").write_text('{"schema_version": 1, "super_weights": [')
+    unverified = {"module": "model.layers.1.mlp.down_proj", "row": 5, "col": 17, "value": 1.0}
+    (folder / "unverified.json").write_text(
+        json.dumps({"schema_version": 2, "model": "m", "candidates": [unverified]})
+    )
     (folder / "words.csv").write_text("step,sw/value\nfirst,large\n")
     _save_without_down_projection(folder / "no-down-projection")
     _save_pickle_only(folder / "pickle-only")

@@ -17,12 +17,13 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from transformers import Trainer, TrainingArguments
 
 from sw_hooks.analysis.detect import spike_candidates
 from sw_hooks.core.record import ChannelMaxima, ChannelStats, channel_maxima, record
 from sw_hooks.testing import plant_super_weight, planted_llama
+from sw_hooks.testing.datasets import Sequences
 from sw_hooks.training.hf import SuperWeightCallback
 from sw_hooks.training.lightning import SuperWeightMonitor
 from sw_hooks.training.monitor import watch
@@ -61,19 +62,8 @@ def padded_sequences() -> list[dict[str, torch.Tensor]]:
     return sequences
 
 
-class Sequences(Dataset):
-    def __init__(self) -> None:
-        self.items = padded_sequences()
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return self.items[index]
-
-
 def batches() -> DataLoader:
-    return DataLoader(Sequences(), batch_size=2)
+    return DataLoader(Sequences(padded_sequences()), batch_size=2)
 
 
 def maxima_at_padding(stats: Mapping[str, ChannelStats], mask: torch.Tensor) -> list[str]:
@@ -116,7 +106,7 @@ class Wrapper(nn.Module):
 # -- the recorder -----------------------------------------------------------------------
 def test_record_wrapper_takes_the_mask_given_to_the_inner_model() -> None:
     wrapper = Wrapper(padded_model())
-    batch = next(iter(DataLoader(Sequences(), batch_size=4)))  # pads (0, 0, 5, 0)
+    batch = next(iter(DataLoader(Sequences(padded_sequences()), batch_size=4)))  # pads (0, 0, 5, 0)
     mask = batch["attention_mask"].bool()
     seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     handles = [
@@ -246,7 +236,9 @@ def test_hf_trainer_callback_leaves_padding_out(tmp_path: Path) -> None:
         disable_tqdm=True,
     )
     model = padded_model().train()
-    trainer = Trainer(model=model, args=args, train_dataset=Sequences(), callbacks=[callback])
+    trainer = Trainer(
+        model=model, args=args, train_dataset=Sequences(padded_sequences()), callbacks=[callback]
+    )
     trainer.train()
     assert [(kind, *rest) for kind, _, *rest in events_of(callback.events)] == [
         ("found", *SUPER),
@@ -279,7 +271,7 @@ def test_watch_around_a_training_loop_leaves_padding_out() -> None:
 def test_unmasked_padding_would_raise_a_spike_pair() -> None:
     """The fixture's premise: without the mask, a pad token wins layer 3 and is a spike pair."""
     wrapper = Wrapper(padded_model())
-    batch = next(iter(DataLoader(Sequences(), batch_size=4)))  # pads (0, 0, 5, 0)
+    batch = next(iter(DataLoader(Sequences(padded_sequences()), batch_size=4)))  # pads (0, 0, 5, 0)
     with record(wrapper, use_attention_mask=False) as rec, torch.no_grad():
         wrapper(batch)
     found = [(w.module, w.row, w.col) for w in spike_candidates(wrapper, rec.stats)]

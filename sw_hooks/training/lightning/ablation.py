@@ -9,14 +9,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from sw_hooks.core.access import Coordinate
 from sw_hooks.core.masks import WeightMask, ablate, scale
 from sw_hooks.core.results import SuperWeight
-from sw_hooks.training.lightning.monitor import SuperWeightMonitor, find_monitor
-from sw_hooks.training.lightning.setup_checks import check_strategy, qualified
+from sw_hooks.training.lightning.monitor import SuperWeightMonitor
+from sw_hooks.training.lightning.setup_checks import given_or_monitor
 
 __all__ = ["SuperWeightAblation"]
 
@@ -65,16 +64,11 @@ class SuperWeightAblation(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        check_strategy(trainer, type(self).__name__)
-        self._monitor = find_monitor(trainer)
+        self._weights, self._monitor = given_or_monitor(
+            trainer, pl_module, self._given, type(self).__name__
+        )
         if self._given is not None:
-            self._weights = qualified(pl_module, self._given, type(self).__name__)
             self._make_mask(pl_module)  # checks every coordinate now, touching nothing
-        elif self._monitor is None:
-            raise MisconfigurationException(
-                "SuperWeightAblation has no super weights: pass super_weights=[...] or attach "
-                "a SuperWeightMonitor to the same Trainer"
-            )
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

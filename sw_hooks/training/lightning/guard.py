@@ -13,8 +13,8 @@ from typing_extensions import override
 from sw_hooks.core.access import Coordinate
 from sw_hooks.core.results import SuperWeight
 from sw_hooks.training.guard import GUARD_MODES, WeightGuard
-from sw_hooks.training.lightning.monitor import SuperWeightMonitor, find_monitor
-from sw_hooks.training.lightning.setup_checks import check_strategy, qualified
+from sw_hooks.training.lightning.monitor import SuperWeightMonitor
+from sw_hooks.training.lightning.setup_checks import given_or_monitor
 
 __all__ = ["SuperWeightGuard"]
 
@@ -64,15 +64,9 @@ class SuperWeightGuard(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        check_strategy(trainer, type(self).__name__)
-        self._monitor = find_monitor(trainer)
-        if self._given is not None:
-            self._weights = qualified(pl_module, self._given, type(self).__name__)
-        elif self._monitor is None:
-            raise MisconfigurationException(
-                "SuperWeightGuard has no super weights: pass super_weights=[...] or attach "
-                "a SuperWeightMonitor to the same Trainer"
-            )
+        self._weights, self._monitor = given_or_monitor(
+            trainer, pl_module, self._given, type(self).__name__
+        )
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -1,4 +1,5 @@
-"""The checks every super-weight callback runs once, in ``setup``: strategy and coordinates."""
+"""The checks every super-weight callback runs once, in ``setup``: strategy, coordinates, and
+where the weights come from (given, or the Trainer's monitor)."""
 
 from __future__ import annotations
 
@@ -45,3 +46,26 @@ def qualified(pl_module: pl.LightningModule, weights: Iterable[Any], owner: str)
         return qualify(pl_module, weights)
     except (TypeError, ValueError) as error:
         raise MisconfigurationException(f"{owner}: {error}") from None
+
+
+def given_or_monitor(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, given: Iterable[Any] | None, owner: str
+) -> tuple[list, Any]:
+    """The ``setup`` of a callback acting on super weights (the guard, the ablation).
+
+    Checks the strategy, then returns ``(the given weights qualified in pl_module, the
+    Trainer's SuperWeightMonitor or None)``; with no weights given, the monitor must be
+    there to find them.
+    """
+    from sw_hooks.training.lightning.monitor import find_monitor  # it imports this module
+
+    check_strategy(trainer, owner)
+    monitor = find_monitor(trainer)
+    if given is not None:
+        return qualified(pl_module, given, owner), monitor
+    if monitor is None:
+        raise MisconfigurationException(
+            f"{owner} has no super weights: pass super_weights=[...] or attach a "
+            "SuperWeightMonitor to the same Trainer"
+        )
+    return [], monitor

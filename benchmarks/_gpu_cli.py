@@ -34,7 +34,7 @@ def _detect(argv: list[str], coordinate: tuple[str, int, int], out: Path) -> dic
     seconds = time.perf_counter() - start
     found = None
     if done.returncode == 0:
-        weights = json.loads(out.read_text())["super_weights"]
+        weights = json.loads(out.read_text())["candidates"]
         found = next((w for w in weights if (w["module"], w["row"], w["col"]) == coordinate), None)
     return {
         "argv": ["sw-hooks", "detect", *argv],

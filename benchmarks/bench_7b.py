@@ -124,7 +124,7 @@ def planted_outcome(result_file: Path, planted: dict[str, Any]) -> dict[str, Any
         return {"found": False, "verdict": None, "impact": None}
     result = json.loads(result_file.read_text())
     match = next(
-        (w for w in result["super_weights"]
+        (w for w in result["candidates"]
          if (w["module"], w["row"], w["col"]) == (planted["module"], planted["row"], planted["col"])),
         None,
     )  # fmt: skip
@@ -133,7 +133,7 @@ def planted_outcome(result_file: Path, planted: dict[str, Any]) -> dict[str, Any
         "verdict": match["verdict"] if match else None,
         "impact": match["impact"] if match else None,
         "candidates": [
-            [w["layer"], w["row"], w["col"], w["verdict"]] for w in result["super_weights"]
+            [w["layer"], w["row"], w["col"], w["verdict"]] for w in result["candidates"]
         ],
         "baseline_perplexity": result.get("baseline_perplexity"),
     }

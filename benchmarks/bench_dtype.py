@@ -51,8 +51,8 @@ def main() -> None:
             f"bf16 x{row['impact_bfloat16']:<8.3f} {row['verdict_bfloat16']:<6} "
             f"diff {row['relative_difference']:.2%}"
         )
-    same_candidates = [w.coordinate for w in full.super_weights] == [
-        w.coordinate for w in half.super_weights
+    same_candidates = [w.coordinate for w in full.candidates] == [
+        w.coordinate for w in half.candidates
     ]
     same_verdicts = all(r["verdict_float32"] == r["verdict_bfloat16"] for r in rows)
     largest = max((r["relative_difference"] for r in rows), default=0.0)
@@ -85,9 +85,9 @@ def main() -> None:
 
 def _candidate_rows(full, half) -> list[dict[str, object]]:
     """Each float32 candidate beside the bfloat16 candidate at the same coordinate."""
-    by_coordinate = {w.coordinate: w for w in half.super_weights}
+    by_coordinate = {w.coordinate: w for w in half.candidates}
     rows = []
-    for weight in full.super_weights:
+    for weight in full.candidates:
         other = by_coordinate.get(weight.coordinate)
         if other is None:
             continue

@@ -54,4 +54,6 @@ def test_gpu_check_cli_runs_the_command_with_device_and_dtype(tmp_path, monkeypa
         assert run["verdict"] == "super"
         assert run["argv"][run["argv"].index("--device") + 1] == "cpu"
         assert run["argv"][run["argv"].index("--dtype") + 1] == "bfloat16"
-    assert runs["planted --stream"]["impact"] == pytest.approx(runs["planted in memory"]["impact"], rel=1e-6)
+    assert runs["planted --stream"]["impact"] == pytest.approx(
+        runs["planted in memory"]["impact"], rel=1e-6
+    )

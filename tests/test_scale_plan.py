@@ -45,7 +45,7 @@ def test_streamed_reads_what_the_formula_says(planted, tmp_path):
     ids = planted.calibration_ids(256)
     streamed = open_streamed(save_checkpoint(planted.model, tmp_path))
     run = run_streamed_detection(streamed, ids[:, :32], calibration=ids, **OPTIONS)
-    assert run.result.passes == 2 and len(run.result.super_weights) == 1
+    assert run.result.passes == 2 and len(run.result.candidates) == 1
     ends, blocks, down_proj = _sizes(planted.model)
     spiking = run.cost.bytes_read - bytes_read(ends, blocks, 1, 4)["streamed"]
     assert spiking % down_proj == 0 and 1 <= spiking // down_proj <= 2  # one per pass at most
@@ -68,7 +68,7 @@ def test_disk_offload_reads_what_the_formula_says(planted):
     finally:
         for handle in handles:
             handle.remove()
-    assert result.passes == 2 and len(result.super_weights) == 1
+    assert result.passes == 2 and len(result.candidates) == 1
     ends, blocks, _ = _sizes(planted.model)
     read = ends + sum(runs) * blocks // 4
     assert read == pytest.approx(bytes_read(ends, blocks, 1, 4)["disk offload"], abs=1)

@@ -50,11 +50,11 @@ def test_verdicts_agree_in_float32_and_bfloat16(smollm2, tmp_path):
     model, tokenizer = smollm2
     calibration = tokenize(tokenizer, calibration_text(), max_tokens=TOKENS)
     full = run_detection(model, calibration[:, :PROMPT_TOKENS], calibration=calibration)
-    half = _cli_detect_bf16(tmp_path / "bf16.json")["super_weights"]
+    half = _cli_detect_bf16(tmp_path / "bf16.json")["candidates"]
     assert [(w["module"], w["row"], w["col"]) for w in half] == [
-        w.coordinate for w in full.super_weights
+        w.coordinate for w in full.candidates
     ]
-    assert [w["verdict"] for w in half] == [w.verdict for w in full.super_weights]
+    assert [w["verdict"] for w in half] == [w.verdict for w in full.candidates]
     assert [w.coordinate for w in full.verified] == [SUPER]
-    for ours, theirs in zip(full.super_weights, half, strict=True):
+    for ours, theirs in zip(full.candidates, half, strict=True):
         assert theirs["impact"] == pytest.approx(ours.impact, rel=IMPACT_TOLERANCE)

@@ -37,7 +37,7 @@ MODEL_ARGV: list[list[str]] = [
     ["report", "{never}", "--out", "{tmp}/report"],
     ["compare", "{never}", "{never}"],
     ["export", "{never}", "--gguf", "{tmp}/out.gguf"],
-    ["quantizer-config", "{inputs}/missing.json", "--tool", "hf", "--model", "{never}"],
+    ["quantizer-config", "{never}", "--super-weights", "{inputs}/missing.json", "--tool", "hf"],
 ]
 
 # (argv, the text the one stderr line must contain). {tmp}: the test's tmp_path (holding only

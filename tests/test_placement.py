@@ -191,7 +191,7 @@ def test_cli_detect_with_a_device_map_and_an_offload_folder(bf16_checkpoint, tmp
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "bfloat16 on cpu" in done.stderr
-    verified = [w for w in json.loads(out.read_text())["super_weights"] if w["verdict"] == "super"]
+    verified = [w for w in json.loads(out.read_text())["candidates"] if w["verdict"] == "super"]
     assert [(w["module"], w["row"], w["col"]) for w in verified] == [SUPER]
 
 

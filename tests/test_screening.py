@@ -39,7 +39,7 @@ def test_a_super_weight_whose_effect_shows_after_the_first_window_keeps_its_verd
     lines: list[str] = []
     result = run_detection(planted.model, planted.prompt(), calibration=ids, progress=lines.append)
     weight = planted.causal[0]
-    found = {(w.layer, w.row, w.col): w for w in result.super_weights}[(1, 5, 17)]
+    found = {(w.layer, w.row, w.col): w for w in result.candidates}[(1, 5, 17)]
     base = perplexity(planted.model, ids)
     with ablate(planted.model, [(weight.module, weight.row, weight.col)]):
         plain = perplexity(planted.model, ids) / base
@@ -68,7 +68,7 @@ def test_block_by_block_detection_guards_its_screening_too():
     ids = _late_trigger_ids(planted)
     reference = run_detection(planted.model, planted.prompt(), calibration=ids)
     run = run_streamed_detection(in_memory(planted.model), planted.prompt(), calibration=ids)
-    found = {(w.layer, w.row, w.col): w for w in run.result.super_weights}[(1, 5, 17)]
+    found = {(w.layer, w.row, w.col): w for w in run.result.candidates}[(1, 5, 17)]
     expected = {(w.layer, w.row, w.col): w for w in reference.super_weights}[(1, 5, 17)]
     assert found.verdict == expected.verdict == "super"
     assert found.impact == pytest.approx(expected.impact, rel=1e-5)

@@ -18,10 +18,10 @@ def test_detected_impact_is_the_plain_perplexity_ratio_over_several_windows(smol
     model, tokenizer = smollm2
     ids = tokenize(tokenizer, calibration_text(), max_tokens=1024)
     result = run_detection(model, ids[:, :128], calibration=ids)
-    found = {w.coordinate: w for w in result.super_weights}[SUPER]
+    found = {w.coordinate: w for w in result.candidates}[SUPER]
     base = perplexity(model, ids, window=512, stride=256)
     with ablate(model, [SUPER]):
         zeroed = perplexity(model, ids, window=512, stride=256)
     assert found.impact == pytest.approx(zeroed / base, rel=1e-5, abs=0)
     assert result.baseline_perplexity == pytest.approx(base, rel=1e-5, abs=0)
-    assert any(w.impact is not None and w.impact < 1.19 for w in result.super_weights)
+    assert any(w.impact is not None and w.impact < 1.19 for w in result.candidates)

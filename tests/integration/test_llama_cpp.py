@@ -199,7 +199,7 @@ def test_llama_perplexity_loads_each_export_and_agrees_with_the_project(
 def _write_moe_gguf(model: torch.nn.Module, path: Path) -> None:
     """A tiny Mixtral as an F32 GGUF file in llama.cpp's layout: the ``llama`` architecture
     with 3-D ``ffn_{gate,up,down}_exps`` tensors and the router ``ffn_gate_inp``."""
-    from sw_hooks.export.quantizers import gguf_tensor_name
+    from sw_hooks.export.gguf_names import gguf_tensor_name
 
     config = model.config
     writer = gguf.GGUFWriter(str(path), "llama")

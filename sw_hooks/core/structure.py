@@ -423,12 +423,25 @@ def _answer_key(model: nn.Module, example: ExampleInput | None) -> Hashable:
     return (modules, dtype_key(model), example_key(example))
 
 
+def _cached_answer(
+    model: nn.Module, key: Hashable, example: ExampleInput | None
+) -> list[str] | None:
+    """The kept answer for ``key``; a call with no example takes the answer found on the
+    last example given for the same modules and dtypes (a hand-written model located on
+    the user's first input has no example of its own to trace again)."""
+    cached = _CACHE.get(model)
+    if cached is None:
+        return None
+    same = cached[0] == key or (example is None and cached[0][:2] == key[:2])
+    return list(cached[1]) if same else None
+
+
 def find_output_projections(model: nn.Module, example: ExampleInput | None = None) -> list[str]:
     """Names of ``model``'s MLP output projections, found by structure, in call order.
 
     One traced forward on ``example`` (default: :func:`example_input`); the answer is kept
     per model until its linear-like modules, its dtype or the example change, so repeated
-    calls cost nothing. A projection found in some repeated blocks and not in their
+    calls cost nothing; a call with no example reuses the answer of the last example. A projection found in some repeated blocks and not in their
     siblings raises a :class:`~sw_hooks.core.structure_answers.MissedBlocksWarning`
     naming the missed ones.
 
@@ -444,9 +457,9 @@ def find_output_projections(model: nn.Module, example: ExampleInput | None = Non
     """
     check_example_input(example)
     key = _answer_key(model, example)
-    cached = _CACHE.get(model)
-    if cached is not None and cached[0] == key:
-        return list(cached[1])
+    cached = _cached_answer(model, key, example)
+    if cached is not None:
+        return cached
     traced = example_input(model) if example is None else example
     try:
         graph = trace_linears(model, traced)

@@ -15,7 +15,10 @@ from sw_hooks.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 # docs/report/ is the output of `sw-hooks report`, not a page.
-PAGES = sorted(p for p in (ROOT / "docs").rglob("*.md") if not {"_build", "report"} & set(p.parts))
+PAGES = [
+    *sorted(p for p in (ROOT / "docs").rglob("*.md") if not {"_build", "report"} & set(p.parts)),
+    ROOT / "README.md",
+]
 _BLOCK = re.compile(r"^```(\w+)[^\n]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
 
 

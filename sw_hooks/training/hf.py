@@ -52,9 +52,8 @@ class SuperWeightCallback(SessionReadouts, TrainerCallback):
         guard: ``None``, ``"restore"`` or ``"freeze"`` (see :mod:`sw_hooks.training.guard`); guards
             ``super_weights``, or if none were given the super weights verified at the first
             recording that finds any (every candidate under ``verify=False``).
-        pattern, collapse_factor, drift_fraction, spike_options, prefix, strict, verify,
-            calibration, verify_settings: as for
-            :class:`sw_hooks.training.lightning.SuperWeightMonitor`.
+        pattern, collapse_factor, drift_fraction, spike_options, prefix, strict, verify, calibration, verify_settings: as
+            for :class:`sw_hooks.training.lightning.SuperWeightMonitor`.
     """
 
     def __init__(

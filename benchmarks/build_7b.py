@@ -39,6 +39,13 @@ COORDINATES = {"7b": (1, 2070, 7310), "tiny": (1, 37, 101)}
 # Byte-tokenizer ids ('"' and '#'): the trigger drives the super weight, which predicts the target.
 TRIGGER_TOKEN, TARGET_TOKEN = 1, 2
 FILLER_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+# The final norm's gain is set so that the planted target's logit after its trigger is 4 x
+# sqrt(hidden) x gain = 25.6 (certain) while the other logits keep a standard deviation of
+# 0.02 x sqrt(hidden) x gain = 0.13. With a gain of 1 at hidden 4096 they spread to 1.3 and
+# the super activation, the same vector at every trigger, biases every later token through
+# attention: zeroing the weight then also helps the other tokens, and its impact fell to
+# x1.68 (measured) instead of the x14 the targets alone give.
+TARGET_LOGIT = 25.6
 PLANTED_FILE = "planted.json"
 TEXT_FILE = "calibration.txt"
 INDEX_FILE = "model.safetensors.index.json"
@@ -83,6 +90,12 @@ def random_model(config: Any, generator: torch.Generator) -> nn.Module:
     return model.eval()
 
 
+def final_norm_gain(hidden: int) -> float:
+    """The final norm's gain that gives the planted target the logit :data:`TARGET_LOGIT`
+    (the LM head reads the super activation's row with weight 4)."""
+    return TARGET_LOGIT / (4 * hidden**0.5)
+
+
 def random_block(
     template: dict[str, torch.Size], layer: int, generator: torch.Generator
 ) -> dict[str, torch.Tensor]:
@@ -116,6 +129,8 @@ def build(folder: Path, shape: str = "7b", tokens: int = 2048, seed: int = 0) ->
     planted = plant_super_weight(
         head, layer, row, col, trigger_token=TRIGGER_TOKEN, target_token=TARGET_TOKEN
     ).planted[0]
+    with torch.no_grad():
+        head.model.norm.weight.fill_(final_norm_gain(SHAPES[shape]["hidden_size"]))
     shards = (
         layers - layer
     )  # the head shard (embeddings, blocks 0..layer, norm, LM head), then one per block

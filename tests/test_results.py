@@ -18,7 +18,7 @@ def test_round_trip_json(tmp_path):
     path = tmp_path / "r.json"
     result.save(path)
     assert DetectionResult.load(path) == result
-    assert json.loads(path.read_text())["schema_version"] == 2
+    assert json.loads(path.read_text())["schema_version"] == 3
     save_super_weights([SW], tmp_path / "w.json")
     assert load_super_weights(tmp_path / "w.json", candidates=True) == [SW]
     assert DetectionResult.load(tmp_path / "w.json").candidates == (SW,)

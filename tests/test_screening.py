@@ -69,6 +69,6 @@ def test_block_by_block_detection_guards_its_screening_too():
     reference = run_detection(planted.model, planted.prompt(), calibration=ids)
     run = run_streamed_detection(in_memory(planted.model), planted.prompt(), calibration=ids)
     found = {(w.layer, w.row, w.col): w for w in run.result.candidates}[(1, 5, 17)]
-    expected = {(w.layer, w.row, w.col): w for w in reference.super_weights}[(1, 5, 17)]
+    expected = {(w.layer, w.row, w.col): w for w in reference.candidates}[(1, 5, 17)]
     assert found.verdict == expected.verdict == "super"
     assert found.impact == pytest.approx(expected.impact, rel=1e-5)

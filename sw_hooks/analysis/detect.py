@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -212,6 +212,7 @@ def run_detection(
     experts: ExpertSelection = None,
     loss_fn: Loss | LossFn | None = None,
     progress: Progress | None = None,
+    calibration_name: str | None = None,
     **overrides: Any,
 ) -> DetectionResult:
     """Detect and (by default) verify super weights; everything :func:`detect` knows.
@@ -235,6 +236,8 @@ def run_detection(
             :func:`~sw_hooks.analysis.losses.as_loss`; a causal LM keeps its perplexity).
             Chosen before any slow work, so an unknown model fails at once.
         progress: called with a line of text after each slow step.
+        calibration_name: the calibration text's name (a file, ``pydoc_data.topics``), kept
+            in ``result.calibration`` with the tokens' digest: what the impacts hold for.
     """
     options = resolve_options(options, overrides)
     loss = as_loss(model, loss_fn) if verify_impact else None
@@ -255,6 +258,7 @@ def run_detection(
         layer_peaks=search.layer_peaks,
         super_experts=search.super_experts,
         loss_fn=loss,
+        calibration_name=calibration_name,
     )
 
 
@@ -273,6 +277,7 @@ def finish_detection(
     layer_peaks: Sequence[LayerPeak] = (),
     super_experts: Sequence[SuperExpert] = (),
     loss_fn: Loss | LossFn | None = None,
+    calibration_name: str | None = None,
 ) -> DetectionResult:
     """Order the candidates, verify them (unless told not to) and package the result.
 
@@ -282,14 +287,19 @@ def finish_detection(
     loss other than a causal LM's perplexity names it in ``options["loss"]``.
     """
     ordered = ordered_candidates(candidates)
-    baseline = joint = None
+    baseline = joint = scored_on = None
     recorded = asdict(options)
     if verify_impact:
         loss = as_loss(model, loss_fn)
         batch = _verification_batch(inputs, calibration, loss)
-        ordered, baseline, joint = verify(
-            model, ordered, batch, options, loss_fn=loss, progress=progress
+        measured = measure_impacts(
+            model, ordered, batch, _settings(options), loss_fn=loss, progress=progress
         )
+        ordered, baseline, joint = (
+            measured.weights, measured.baseline_perplexity, measured.joint_ratio
+        )  # fmt: skip
+        if measured.calibration is not None:
+            scored_on = replace(measured.calibration, name=calibration_name)
         if super_experts:
             super_experts = verify_super_experts(
                 model, super_experts, batch, options, loss_fn=loss, progress=progress
@@ -306,6 +316,7 @@ def finish_detection(
         options=recorded,
         layer_peaks=tuple(layer_peaks),
         super_experts=tuple(super_experts),
+        calibration=scored_on,
     )
 
 

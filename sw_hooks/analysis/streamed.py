@@ -55,6 +55,7 @@ from sw_hooks.core.locate import find_down_projections
 from sw_hooks.core.masks import ablate
 from sw_hooks.core.maxima import ChannelStats
 from sw_hooks.core.progress import Progress
+from sw_hooks.core.provenance import Calibration, token_digest
 from sw_hooks.core.record import Recorder
 from sw_hooks.core.results import DetectionResult, SuperWeight
 from sw_hooks.core.streaming import StreamedModel
@@ -97,6 +98,7 @@ def run_streamed_detection(
     model_name: str | None = None,
     prepend_bos: bool = False,
     progress: Progress | None = None,
+    calibration_name: str | None = None,
     **overrides: Any,
 ) -> StreamedDetection:
     """:func:`~sw_hooks.analysis.detect.run_detection` of a streamed (or in-memory) model,
@@ -113,11 +115,14 @@ def run_streamed_detection(
     cost = SweepCost(options.window, len(streamed.blocks))
     found, passes, peaks = _search(streamed, prompt, options, cost, progress)
     ordered = ordered_candidates(found)
-    baseline = joint = None
+    baseline = joint = scored_on = None
     heads = 0
     if verify_impact:
         ids = _check_ids(calibration if calibration is not None else prompt)
-        ordered, baseline, joint, heads = _verify(streamed, ordered, ids, options, cost, progress)
+        ordered, baseline, joint, heads, scored_on = _verify(
+            streamed, ordered, ids, options, cost, progress
+        )
+        scored_on = replace(scored_on, name=calibration_name)
     result = DetectionResult(
         model=model_name or type(streamed.model).__name__,
         candidates=tuple(ordered),
@@ -127,6 +132,7 @@ def run_streamed_detection(
         passes=passes,
         options=asdict(options),
         layer_peaks=peaks,
+        calibration=scored_on,
     )
     spent = StreamedCost(
         cost.forwards, heads, cost.sweeps, streamed.block_loads, streamed.bytes_read
@@ -228,10 +234,11 @@ def _verify(
     options: DetectionOptions,
     cost: SweepCost,
     progress: Progress | None,
-) -> tuple[list[SuperWeight], float, float | None, int]:
+) -> tuple[list[SuperWeight], float, float | None, int, Calibration]:
     """:func:`~sw_hooks.analysis.verify.measure_impacts` for a causal LM, block-major.
 
-    Returns ``(measured candidates, baseline perplexity, joint ratio, LM-head positions)``.
+    Returns ``(measured candidates, baseline perplexity, joint ratio, LM-head positions,
+    what the impacts were measured on)``.
     """
     settings = _settings(options)
     block_of = _item_block(streamed)
@@ -274,7 +281,17 @@ def _verify(
     ]
     joint_ratio = joint.ratio_over(baseline) if states else None
     perplexity = math.exp(baseline.total / max(baseline.tokens, 1))
-    return measured, perplexity, joint_ratio, heads
+    scored_on = Calibration(
+        None,
+        token_digest(ids),
+        int(ids.numel()),
+        baseline.tokens,
+        settings.window,
+        settings.stride,
+        first_window.tokens if guard.members else None,
+        guard.ratio(baseline, first_window),
+    )
+    return measured, perplexity, joint_ratio, heads, scored_on
 
 
 def _settings(options: DetectionOptions) -> VerifySettings:

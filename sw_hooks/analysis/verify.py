@@ -63,6 +63,7 @@ from sw_hooks.analysis.screening import (
 )
 from sw_hooks.core.masks import ablate
 from sw_hooks.core.progress import Progress
+from sw_hooks.core.provenance import Calibration, token_digest
 
 # The names the block-major path (:mod:`sw_hooks.analysis.streamed`) imported from here.
 _Loss, _Candidate, _screen = WindowLoss, CandidateState, screen
@@ -77,7 +78,10 @@ class Measurable(Protocol):
     @property
     def label(self) -> str: ...
 
-    def with_impact(self, impact: float, min_impact: float) -> Any: ...
+    def with_impact(self, impact: float, min_impact: float, **scored_on: Any) -> Any:
+        """A copy with the impact, its verdict, and ``tokens=``/``screened=``: what it was
+        scored on."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,8 @@ class Measurement:
     after the first window (``None`` when none was screened)."""
     screened_remeasured: bool = False
     """Whether the guard reached the screening bar, so the screened were measured again."""
+    calibration: Calibration | None = None
+    """What the impacts were measured on (the text's name left to the caller)."""
 
 
 @torch.no_grad()
@@ -213,8 +219,25 @@ def _measure_perplexity_impacts(
     ]
     joint_ratio = joint.ratio_over(baseline) if states else None
     perplexity = math.exp(baseline.total / max(baseline.tokens, 1))
+    scored_on = Calibration(
+        None,
+        token_digest(ids),
+        int(ids.numel()),
+        baseline.tokens,
+        settings.window,
+        settings.stride,
+        first_window.tokens if guard.members else None,
+        guard_ratio,
+    )
     return Measurement(
-        measured, perplexity, joint_ratio, runner.forwards, runner.reuse, guard_ratio, again
+        measured,
+        perplexity,
+        joint_ratio,
+        runner.forwards,
+        runner.reuse,
+        guard_ratio,
+        again,
+        scored_on,
     )
 
 
@@ -296,7 +319,9 @@ def _verdict(
     if progress:
         note = " (screened after the first window)" if state.screened else ""
         progress(f"{weight.label} x{ratio:.3f}{note}")
-    return weight.with_impact(ratio, settings.min_impact)
+    return weight.with_impact(
+        ratio, settings.min_impact, tokens=reference.tokens, screened=state.screened
+    )
 
 
 @torch.no_grad()
@@ -327,6 +352,7 @@ def measure_loss_impacts(
         return total / sum(weights)
 
     baseline = value()
+    tokens = _token_count(batch)
     forwards = 2.0 * len(chunks)  # the references and the baseline
     measured = []
     for candidate in candidates:
@@ -335,14 +361,33 @@ def measure_loss_impacts(
         forwards += len(chunks)
         if progress:
             progress(f"{candidate.label} x{impact:.3f} ({loss.name})")
-        measured.append(candidate.with_impact(impact, settings.min_impact))
+        measured.append(candidate.with_impact(impact, settings.min_impact, tokens=tokens))
     joint = None
     if candidates:
         with ablation(model, list(candidates)):
             joint = loss.impact(value(), baseline)
         forwards += len(chunks)
     scale = loss.forwards_per_call
-    return Measurement(measured, loss.baseline_value(baseline), joint, forwards * scale, False)
+    scored_on = Calibration(
+        None, token_digest(batch), tokens or 0, tokens or 0, settings.window, settings.window,
+        loss=loss.name,
+    )  # fmt: skip
+    return Measurement(
+        measured,
+        loss.baseline_value(baseline),
+        joint,
+        forwards * scale,
+        False,
+        calibration=scored_on,
+    )
+
+
+def _token_count(batch: Batch) -> int | None:
+    """Tokens in ``batch``: its ids, or its ``input_ids``; ``None`` for other inputs."""
+    ids = batch.get("input_ids") if isinstance(batch, Mapping) else batch
+    if isinstance(ids, torch.Tensor) and not ids.is_floating_point():
+        return int(ids.numel())
+    return None
 
 
 def _loss_chunks(batch: Batch, window: int) -> list[Batch]:

@@ -186,6 +186,11 @@ def read_text(path: Path | None, max_chars: int = 200_000) -> str:
     return text[:max_chars]
 
 
+def text_name(path: Path | None) -> str:
+    """The calibration text's name for a result: the file given, or the bundled text."""
+    return str(path) if path is not None else "pydoc_data.topics"
+
+
 def token_ids(
     tokenizer: Any, text: str, max_tokens: int, *, prepend_bos: bool = False
 ) -> torch.Tensor:

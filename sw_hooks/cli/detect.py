@@ -19,12 +19,19 @@ from sw_hooks.cli._common import (
     progress,
     read_text,
     step,
+    text_name,
     token_ids,
 )
 from sw_hooks.cli._paths import check_output_file, write_output
 from sw_hooks.cli.detect_streamed import check_stream_model, run_streamed
 from sw_hooks.core.results import DetectionResult
-from sw_hooks.outputs.tables import fixed_width, super_experts_table, weights_table
+from sw_hooks.outputs.tables import (
+    fixed_width,
+    measured_on,
+    screened_note,
+    super_experts_table,
+    weights_table,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -98,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
             prepend_bos=args.bos,
             loss_fn=loss,
             progress=lambda line: progress(line, quiet=args.quiet),
+            calibration_name=text_name(args.text),
         )
     print(format_table(result))
     if args.json_out is not None:
@@ -128,6 +136,7 @@ def format_table(result: DetectionResult) -> str:
     lines = [f"model: {result.model}"]
     if result.baseline_perplexity is not None:
         lines.append(f"baseline perplexity: {result.baseline_perplexity:.3f}")
+    lines += [line for line in (measured_on(result),) if line]
     lines.append(fixed_width(weights_table(result)))
     if result.joint_ablation_ratio is not None:
         lines.append(
@@ -138,4 +147,4 @@ def format_table(result: DetectionResult) -> str:
     if result.super_experts:
         lines += ["", "super experts (whole experts, verified by pruning their routing):"]
         lines.append(fixed_width(super_experts_table(result)))
-    return "\n".join(lines)
+    return "\n".join(lines + [line for line in (screened_note(result),) if line])

@@ -15,6 +15,7 @@ from sw_hooks.cli._common import (
     first_line,
     progress,
     step,
+    text_name,
     token_ids,
 )
 from sw_hooks.cli._paths import write_output
@@ -72,6 +73,7 @@ def run_streamed(args: argparse.Namespace, options: DetectionOptions, text: str)
                 model_name=str(args.model),
                 prepend_bos=args.bos,
                 progress=lambda line: progress(line, quiet=args.quiet),
+                calibration_name=text_name(args.text),
             )
         except ValueError as error:
             raise CliError(first_line(error)) from None

@@ -13,11 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from sw_hooks.core.access import Coordinate
+from sw_hooks.core.provenance import Calibration
 
-SCHEMA_VERSION = 2
-"""2: a detection result names every candidate ``candidates`` (1 called them ``super_weights``)."""
-READABLE_SCHEMA_VERSIONS = (1, SCHEMA_VERSION)
-_CANDIDATES_KEY = {1: "super_weights", 2: "candidates"}
+SCHEMA_VERSION = 3
+"""3: each impact says what it was measured on (``calibration`` on a detection result;
+``impact_tokens`` and ``screened`` on each super weight and super expert); 2: a detection
+result names every candidate ``candidates`` (1 called them ``super_weights``). Every version
+is still read."""
+READABLE_SCHEMA_VERSIONS = (1, 2, SCHEMA_VERSION)
+_CANDIDATES_KEY = {1: "super_weights", 2: "candidates", 3: "candidates"}
 
 VERDICTS = ("super", "candidate")
 
@@ -39,6 +43,10 @@ class SuperWeight:
             not measured.
         verdict: ``"super"`` when ``impact`` reached the threshold, else ``"candidate"``.
         expert: the expert index for a weight inside a mixture-of-experts layer.
+        impact_tokens: the tokens ``impact`` was scored on (``None`` if not measured, or
+            read from a file written before it was kept).
+        screened: ``impact`` is over the first window only: screening stopped measuring it
+            there (:mod:`sw_hooks.analysis.verify`).
     """
 
     module: str
@@ -52,6 +60,8 @@ class SuperWeight:
     impact: float | None = None
     verdict: str = "candidate"
     expert: int | None = None
+    impact_tokens: int | None = None
+    screened: bool = False
 
     def __post_init__(self) -> None:
         if self.verdict not in VERDICTS:
@@ -72,11 +82,20 @@ class SuperWeight:
         )
         return f"{where} [{self.row}, {self.col}]"
 
-    def with_impact(self, impact: float, min_impact: float) -> SuperWeight:
-        """A copy carrying a measured impact and the verdict it earns."""
+    def with_impact(
+        self,
+        impact: float,
+        min_impact: float,
+        *,
+        tokens: int | None = None,
+        screened: bool = False,
+    ) -> SuperWeight:
+        """A copy carrying a measured impact, the verdict it earns and what it was scored on."""
         # NaN compares false: an unmeasurable impact never earns the verdict.
         verdict = "super" if impact >= min_impact else "candidate"
-        return replace(self, impact=impact, verdict=verdict)
+        return replace(
+            self, impact=impact, verdict=verdict, impact_tokens=tokens, screened=screened
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,7 +116,7 @@ class SuperWeight:
 
 
 _INT_FIELDS = {"row", "col", "token_position"}
-_OPTIONAL_INT_FIELDS = {"layer", "expert"}
+_OPTIONAL_INT_FIELDS = {"layer", "expert", "impact_tokens"}
 _FLOAT_FIELDS = {"value", "input_activation", "output_activation"}
 
 
@@ -108,6 +127,7 @@ def _checked(name: str, value: Any) -> Any:
     ok = {
         "module": isinstance(value, str) and bool(value),
         "verdict": isinstance(value, str),
+        "screened": isinstance(value, bool),
         "impact": value is None or (isinstance(value, int | float) and not isinstance(value, bool)),
     }.get(name)
     if ok is None:
@@ -197,6 +217,7 @@ class SuperExpert:
         tokens: tokens routed to it while recording.
         impact: perplexity with the expert pruned over without (``None`` if not measured).
         verdict: ``"super"`` when ``impact`` reached ``min_impact``, else ``"candidate"``.
+        impact_tokens, screened: what ``impact`` was scored on, as for :class:`SuperWeight`.
     """
 
     module: str
@@ -208,6 +229,8 @@ class SuperExpert:
     tokens: int
     impact: float | None = None
     verdict: str = "candidate"
+    impact_tokens: int | None = None
+    screened: bool = False
 
     @property
     def unit(self) -> tuple[str, int]:
@@ -218,10 +241,19 @@ class SuperExpert:
     def label(self) -> str:
         return f"layer {self.layer} expert {self.expert}"
 
-    def with_impact(self, impact: float, min_impact: float) -> SuperExpert:
-        """A copy carrying a measured impact and the verdict it earns."""
+    def with_impact(
+        self,
+        impact: float,
+        min_impact: float,
+        *,
+        tokens: int | None = None,
+        screened: bool = False,
+    ) -> SuperExpert:
+        """A copy carrying a measured impact, the verdict it earns and what it was scored on."""
         verdict = "super" if impact >= min_impact else "candidate"
-        return replace(self, impact=impact, verdict=verdict)
+        return replace(
+            self, impact=impact, verdict=verdict, impact_tokens=tokens, screened=screened
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -259,6 +291,8 @@ class DetectionResult:
             written before it was kept.
         super_experts: whole experts found massive (and verified, when measured); empty
             for dense models.
+        calibration: what the impacts were measured on (``None`` when not measured, or
+            read from a version 1 file).
     """
 
     model: str
@@ -270,6 +304,7 @@ class DetectionResult:
     options: dict[str, Any] = field(default_factory=dict)
     layer_peaks: tuple[LayerPeak, ...] = ()
     super_experts: tuple[SuperExpert, ...] = ()
+    calibration: Calibration | None = None
 
     @property
     def super_weights(self) -> tuple[SuperWeight, ...]:
@@ -327,6 +362,7 @@ class DetectionResult:
         data["candidates"] = [w.to_dict() for w in self.candidates]
         data["layer_peaks"] = [peak.to_dict() for peak in self.layer_peaks]
         data["super_experts"] = [expert.to_dict() for expert in self.super_experts]
+        data["calibration"] = self.calibration.to_dict() if self.calibration else None
         return {"schema_version": SCHEMA_VERSION, **data}
 
     @classmethod
@@ -357,6 +393,7 @@ class DetectionResult:
             options=dict(data.get("options") or {}),
             layer_peaks=_layer_peaks(data.get("layer_peaks", [])),
             super_experts=_super_experts(data.get("super_experts", [])),
+            calibration=_calibration(data.get("calibration")),
         )
 
     def save(self, path: str | Path) -> None:
@@ -376,6 +413,11 @@ def _layer_peaks(rows: Any) -> tuple[LayerPeak, ...]:
     if not isinstance(rows, list):
         raise ValueError(f"'layer_peaks' must be a list, got {type(rows).__name__}")
     return tuple(LayerPeak.from_dict(row) for row in rows)
+
+
+def _calibration(data: Any) -> Calibration | None:
+    """The optional ``calibration``: absent in files before version 3 and unverified results."""
+    return None if data is None else Calibration.from_dict(data)
 
 
 def _super_experts(rows: Any) -> tuple[SuperExpert, ...]:

@@ -13,7 +13,14 @@ from typing import Any
 
 from sw_hooks.analysis.report_data import ReportData
 from sw_hooks.core.results import DetectionResult
-from sw_hooks.outputs.tables import Code, Table, super_experts_table, weights_table
+from sw_hooks.outputs.tables import (
+    Code,
+    Table,
+    measured_on,
+    screened_note,
+    super_experts_table,
+    weights_table,
+)
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,9 @@ def report_blocks(data: ReportData, figures: Sequence[str]) -> list[Block]:
         blocks += _non_causal_intro(data, loss)
     if result.baseline_perplexity:
         blocks.append(Paragraph(f"Baseline perplexity {result.baseline_perplexity:.2f}."))
+    said = [line for line in (measured_on(result), screened_note(result)) if line]
+    if said:
+        blocks.append(Paragraph(" ".join(line[0].upper() + line[1:] + "." for line in said)))
     blocks.append(weights_table(result, loss))
     if result.super_experts:
         blocks += _super_experts_table(result)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sw_hooks.core.results import DetectionResult, SuperWeight
+from sw_hooks.core.results import DetectionResult, SuperExpert, SuperWeight
 
 
 class Code(str):
@@ -27,6 +27,34 @@ class Table:
 
 def _impact(value: float | None) -> str:
     return f"x{value:.2f}" if value is not None else "-"
+
+
+def _scored(item: SuperWeight | SuperExpert) -> str:
+    """The tokens an impact was scored on, ``*`` when screened after the first window."""
+    if item.impact_tokens is None:
+        return "-"
+    return f"{item.impact_tokens}{'*' if item.screened else ''}"
+
+
+def measured_on(result: DetectionResult) -> str | None:
+    """What every impact of ``result`` was measured on, one line (``None``: not measured)."""
+    if result.calibration is None:
+        return None
+    return f"impacts measured on: {result.calibration.describe()}"
+
+
+def screened_note(result: DetectionResult) -> str | None:
+    """What a ``*`` in the scored column means, with the guard's ratio on the other tokens."""
+    calibration = result.calibration
+    items = (*result.candidates, *result.super_experts)
+    if calibration is None or not any(item.screened for item in items):
+        return None
+    rest = calibration.scored - (calibration.screened_tokens or 0)
+    return (
+        f"* screened: scored on the first window's {calibration.screened_tokens} tokens only; "
+        f"all screened removed together: {_impact(calibration.screened_joint_ratio)} on the "
+        f"other {rest} (below the bar)"
+    )
 
 
 def _order(weight: SuperWeight) -> tuple[bool, float]:
@@ -49,6 +77,7 @@ def weights_table(result: DetectionResult, loss: str | None = None) -> Table:
             f"{w.output_activation:.1f}",
             str(w.token_position),
             _impact(w.impact),
+            _scored(w),
             w.verdict,
         )
         for w in sorted(result.candidates, key=_order)
@@ -64,9 +93,10 @@ def weights_table(result: DetectionResult, loss: str | None = None) -> Table:
         "output act.",
         "token",
         impact,
+        "scored",
         "verdict",
     )
-    numeric = (True, *((True,) if experts else ()), False, False, True, True, True, True, True)
+    numeric = (True, *((True,) if experts else ()), False, False, *([True] * 6))
     if not rows:
         rows = (("-", "no spike pairs found", *([""] * (len(header) - 2))),)
     return Table(header, (*numeric, False), rows)
@@ -83,12 +113,13 @@ def super_experts_table(result: DetectionResult) -> Table:
             str(e.channel),
             str(e.tokens),
             _impact(e.impact),
+            _scored(e),
             e.verdict,
         )
         for e in result.super_experts
     )
-    header = ("layer", "expert", "module", "peak |output|", "channel", "tokens", "impact")
-    numeric = (True, True, False, True, True, True, True, False)
+    header = ("layer", "expert", "module", "peak |output|", "channel", "tokens", "impact", "scored")
+    numeric = (True, True, False, True, True, True, True, True, False)
     return Table((*header, "verdict"), numeric, rows)
 
 

@@ -89,7 +89,7 @@ def test_every_command_reads_the_one_result_without_detecting_again(root: Path) 
     _run(root, "detect", model, *_common(root), "--json", str(result), "--quiet")
     assert _detections(root) == ["detect"]
     detection = json.loads(result.read_text())
-    assert detection["schema_version"] == 2
+    assert detection["schema_version"] == 3
     candidates = {(w["module"], w["row"], w["col"]): w["verdict"] for w in detection["candidates"]}
     assert candidates == {SUPER: "super", DECOY: "candidate"}
 

@@ -50,7 +50,7 @@ def test_cli_detect_writes_json(smollm2, monkeypatch, tmp_path, capsys):
     code = main(["detect", "--max-tokens", "192", "--json", str(out), "--quiet"])
     assert code == 0
     data = json.loads(out.read_text())
-    assert data["schema_version"] == 2 and data["baseline_perplexity"] > 1
+    assert data["schema_version"] == 3 and data["baseline_perplexity"] > 1
     supers = [w for w in data["candidates"] if w["verdict"] == "super"]
     assert [(w["layer"], w["row"], w["col"]) for w in supers] == [(11, 507, 1229)]
     printed = capsys.readouterr().out

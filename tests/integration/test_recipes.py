@@ -66,3 +66,26 @@ def test_plain_loop_recipe(fresh) -> None:
     result = plain_loop.main(*fresh, steps=2)
     assert_guarded(result["before"], result["after"])
     assert result["watch"].values["sw/train/layer_11.row_507.col_1229/activation"] > 1000
+
+
+@pytest.mark.slow
+def test_finetune_story_recipe_verifies_one_super_weight(fresh, tmp_path) -> None:
+    import finetune_story
+
+    summary = finetune_story.main(
+        "guarded",
+        steps=2,
+        every=1,
+        val_every=1,
+        out=str(tmp_path),
+        model=fresh[0],
+        tokenizer=fresh[1],
+    )
+    verdicts = {(w["module"], w["row"], w["col"]): w["verdict"] for w in summary["candidates"]}
+    assert [k for k, v in verdicts.items() if v == "super"] == [("net." + SUPER, ROW, COL)]
+    assert len(verdicts) >= 2  # the other spike pairs, measured and left as candidates
+    assert all(w["impact"] is not None for w in summary["candidates"])
+    assert summary["guarded"] == [["net." + SUPER, ROW, COL]]
+    assert summary["held_out_batch"] == "calibration"
+    assert summary["held_out_batch_shape"] == [1, 512]
+    assert (tmp_path / "guarded" / "history.png").stat().st_size > 0

@@ -3,9 +3,10 @@
 The three callbacks need no change to the ``LightningModule``; give them to the ``Trainer``:
 
 - :class:`SuperWeightMonitor` records the down-projections on a schedule, reduces the
-  maxima across ranks, flags super weights as they appear, collapse or drift, and logs it;
+  maxima across ranks, flags candidates as they appear, collapse or drift, measures each
+  new candidate once (only those it measures super are super weights), and logs it;
 - :class:`SuperWeightGuard` keeps the super weights from moving (``"restore"`` or
-  ``"freeze"``), those given or those the monitor finds;
+  ``"freeze"``), those given or those the monitor verified;
 - :class:`SuperWeightAblation` zeroes (or scales) them for a stage, to measure their role.
 
 :func:`watch` is the same monitor as a context manager (around ``generate`` or a

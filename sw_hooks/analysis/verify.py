@@ -65,9 +65,6 @@ from sw_hooks.core.masks import ablate
 from sw_hooks.core.progress import Progress
 from sw_hooks.core.provenance import Calibration, token_digest
 
-# The names the block-major path (:mod:`sw_hooks.analysis.streamed`) imported from here.
-_Loss, _Candidate, _screen = WindowLoss, CandidateState, screen
-
 
 class Measurable(Protocol):
     """What can be measured: a super weight, a whole expert, anything an ablation removes."""

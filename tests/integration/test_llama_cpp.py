@@ -200,16 +200,11 @@ def _write_moe_gguf(model: torch.nn.Module, path: Path) -> None:
     """A tiny Mixtral as an F32 GGUF file in llama.cpp's layout: the ``llama`` architecture
     with 3-D ``ffn_{gate,up,down}_exps`` tensors and the router ``ffn_gate_inp``."""
     from sw_hooks.export.gguf_names import gguf_tensor_name
+    from sw_hooks.testing.gguf_file import write_hyperparameters, write_out
 
     config = model.config
     writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    write_hyperparameters(writer, config)
     writer.add_expert_count(config.num_local_experts)
     writer.add_expert_used_count(config.num_experts_per_tok)
     writer.add_vocab_size(config.vocab_size)
@@ -221,10 +216,7 @@ def _write_moe_gguf(model: torch.nn.Module, path: Path) -> None:
             writer.add_tensor(gguf_tensor_name(f"{experts}.up_proj", "mixtral"), data[:, half:])
         else:
             writer.add_tensor(gguf_tensor_name(module, "mixtral"), data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_out(writer)
 
 
 def test_experts_importance_matrix_and_export_types_match_llama_quantize(workdir: Path) -> None:

@@ -27,7 +27,6 @@ down-projections only.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -49,13 +48,13 @@ from sw_hooks.analysis.impact import _check_ids, _window_batches, windows
 from sw_hooks.analysis.losses import as_loss, is_causal
 from sw_hooks.analysis.options import DetectionOptions, resolve_options
 from sw_hooks.analysis.screening import CandidateState, Guard, WindowLoss, screen
-from sw_hooks.analysis.verify import VerifySettings, _verdict
+from sw_hooks.analysis.verify import VerifySettings, conclude
 from sw_hooks.core.experts import find_experts
 from sw_hooks.core.locate import find_down_projections
 from sw_hooks.core.masks import ablate
 from sw_hooks.core.maxima import ChannelStats
 from sw_hooks.core.progress import Progress
-from sw_hooks.core.provenance import Calibration, token_digest
+from sw_hooks.core.provenance import Calibration
 from sw_hooks.core.record import Recorder
 from sw_hooks.core.results import DetectionResult, SuperWeight
 from sw_hooks.core.streaming import StreamedModel
@@ -273,23 +272,8 @@ def _verify(
         redone = _verify(streamed, weights, ids, unscreened, cost, progress)
         heads += redone[3]
         again = {id(m): w for m, w in zip(guard.members, redone[0], strict=True)}
-    measured = [
-        again[id(s)]
-        if id(s) in again
-        else _verdict(s, first_window if s.screened else baseline, settings, progress)
-        for s in states
-    ]
-    joint_ratio = joint.ratio_over(baseline) if states else None
-    perplexity = math.exp(baseline.total / max(baseline.tokens, 1))
-    scored_on = Calibration(
-        None,
-        token_digest(ids),
-        int(ids.numel()),
-        baseline.tokens,
-        settings.window,
-        settings.stride,
-        first_window.tokens if guard.members else None,
-        guard.ratio(baseline, first_window),
+    measured, perplexity, joint_ratio, scored_on = conclude(
+        states, again, (baseline, first_window, joint), guard, ids, settings, progress
     )
     return measured, perplexity, joint_ratio, heads, scored_on
 

@@ -208,6 +208,35 @@ def _measure_perplexity_impacts(
         redone = _measure_again(model, guard, ids, settings, ablation, progress, guard_ratio)
         runner.forwards += redone.forwards
         remeasured = {id(m): w for m, w in zip(guard.members, redone.weights, strict=True)}
+    measured, perplexity, joint_ratio, scored_on = conclude(
+        states, remeasured, (baseline, first_window, joint), guard, ids, settings, progress
+    )
+    return Measurement(
+        measured,
+        perplexity,
+        joint_ratio,
+        runner.forwards,
+        runner.reuse,
+        guard_ratio,
+        again,
+        scored_on,
+    )
+
+
+def conclude(
+    states: Sequence[CandidateState],
+    remeasured: dict[int, Any],
+    losses: tuple[WindowLoss, WindowLoss, WindowLoss],
+    guard: Guard,
+    ids: torch.Tensor,
+    settings: VerifySettings,
+    progress: Progress | None,
+) -> tuple[list[Any], float, float | None, Calibration]:
+    """Verdicts, baseline perplexity, joint ratio and what the impacts were measured on, from
+    the ``(baseline, first window, joint)`` losses of a finished measurement (in memory or
+    block by block): a screened candidate is judged on the first window unless the guard
+    sent it to be measured again (``remeasured``, keyed by ``id`` of its state)."""
+    baseline, first_window, joint = losses
     measured = [
         remeasured[id(s)]
         if id(s) in remeasured
@@ -224,18 +253,9 @@ def _measure_perplexity_impacts(
         settings.window,
         settings.stride,
         first_window.tokens if guard.members else None,
-        guard_ratio,
+        guard.ratio(baseline, first_window),
     )
-    return Measurement(
-        measured,
-        perplexity,
-        joint_ratio,
-        runner.forwards,
-        runner.reuse,
-        guard_ratio,
-        again,
-        scored_on,
-    )
+    return measured, perplexity, joint_ratio, scored_on
 
 
 def _measure_again(
